@@ -1,0 +1,94 @@
+"""One error hierarchy for gmfx.
+
+Every error says *what* is wrong, *where* (file, store, frame, chunk) and *how to fix* it. Build them
+with keyword arguments so that the three parts always appear, in that order::
+
+    raise VideoError("the file is not a video", where="sub-01/sub-01_task-x_video.mp4",
+                     fix="check the file plays in a video player, or remove it from the dataset")
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "GmfxError",
+    "DatasetError",
+    "VideoError",
+    "FrameTimesError",
+    "EventsError",
+    "StorageError",
+    "IncompleteStoreError",
+    "ClusterError",
+    "ModelError",
+    "ParameterError",
+]
+
+
+class GmfxError(Exception):
+    """Base class of every error gmfx raises on purpose.
+
+    Parameters
+    ----------
+    what
+        What is wrong, in one sentence.
+    where
+        The file, store URL, frame or chunk concerned.
+    fix
+        How the user can fix it.
+    """
+
+    def __init__(self, what: str, *, where: str | None = None, fix: str | None = None) -> None:
+        self.what = what
+        self.where = where
+        self.fix = fix
+        super().__init__(what, where, fix)
+
+    def __str__(self) -> str:
+        parts = [self.what]
+        if self.where:
+            parts.append(f"  where: {self.where}")
+        if self.fix:
+            parts.append(f"  how to fix: {self.fix}")
+        return "\n".join(parts)
+
+    def __reduce__(self):  # keeps keyword arguments through pickling (errors cross Dask workers)
+        return (_rebuild, (type(self), self.what, self.where, self.fix))
+
+
+def _rebuild(cls: type[GmfxError], what: str, where: str | None, fix: str | None) -> GmfxError:
+    return cls(what, where=where, fix=fix)
+
+
+class DatasetError(GmfxError, ValueError):
+    """The input dataset is missing, unreadable, or selects no recording."""
+
+
+class VideoError(GmfxError, ValueError):
+    """A video file cannot be decoded (not a video, empty, truncated, no video stream)."""
+
+
+class FrameTimesError(GmfxError, ValueError):
+    """A ``_frametimes.tsv`` file is malformed or disagrees with its video."""
+
+
+class EventsError(GmfxError, ValueError):
+    """An ``_events.tsv`` file is malformed."""
+
+
+class StorageError(GmfxError, OSError):
+    """A store cannot be read or written, or holds something gmfx cannot use."""
+
+
+class IncompleteStoreError(StorageError):
+    """A store exists but the stage that writes it has not finished."""
+
+
+class ClusterError(GmfxError, RuntimeError):
+    """The Dask cluster cannot run the work (no GPU worker, version mismatch, unreachable)."""
+
+
+class ModelError(GmfxError, ValueError):
+    """A reconstruction model is unknown, cannot be loaded, or broke its contract."""
+
+
+class ParameterError(GmfxError, ValueError):
+    """An option has a value that cannot work (e.g. a cut-off above Nyquist)."""

@@ -1,0 +1,120 @@
+"""Execution of planned tasks on a Dask cluster, with retries, placement and one progress display."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from distributed import Client, as_completed
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from gmfx._errors import GmfxError
+from gmfx.storage import RegionStore
+from gmfx.types import Task
+
+__all__ = ["StorePlan", "execute_plans", "run_tasks", "progress_bar"]
+
+
+def progress_bar(*, enabled: bool = True) -> Progress:
+    """The progress display gmfx uses for long work (to stderr; static when not a terminal)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+        transient=False,
+        auto_refresh=sys.stderr.isatty(),
+    )
+
+
+def run_tasks(
+    client: Client,
+    tasks: Sequence[Task],
+    *,
+    description: str,
+    retries: int = 2,
+    progress: bool = True,
+) -> list:
+    """Submit ``tasks`` to ``client`` and wait for all of them; return their results in order.
+
+    Each task runs under its own deterministic key with ``retries`` (a killed worker's tasks rerun
+    elsewhere) and its resources (``{"GPU": 1}`` pins it to GPU workers). On the first failure the
+    remaining tasks are cancelled and the error is raised: a :class:`GmfxError` as it is, anything else
+    wrapped in one that names the task.
+    """
+    if not tasks:
+        return []
+    futures = [
+        client.submit(
+            task.function, *task.args, key=task.key, resources=task.resources, retries=retries, pure=False
+        )
+        for task in tasks
+    ]
+    index = {future.key: i for i, future in enumerate(futures)}
+    results: list = [None] * len(tasks)
+    total = sum(task.weight for task in tasks)
+    with progress_bar(enabled=progress) as bar:
+        handle = bar.add_task(description, total=total)
+        for future in as_completed(futures):
+            i = index[future.key]
+            try:
+                results[i] = future.result()
+            except GmfxError:
+                client.cancel(futures)
+                raise
+            except Exception as error:
+                client.cancel(futures)
+                raise GmfxError(
+                    f"a {description} task failed ({type(error).__name__}: {error})",
+                    where=f"task {tasks[i].key}",
+                    fix="see the error above; rerun the same command to resume from the finished regions",
+                ) from error
+            bar.advance(handle, tasks[i].weight)
+    return results
+
+
+@dataclass
+class StorePlan:
+    """The work one stage has left for one recording's store.
+
+    Attributes
+    ----------
+    store
+        The store the tasks write (its template is already written).
+    tasks
+        One task per region still to do (done regions have none).
+    regions
+        How many regions the store has in all.
+    attrs
+        Attributes set on the store when it is finalized (provenance).
+    label
+        What to call it in messages and the summary (the recording's name).
+    """
+
+    store: RegionStore
+    tasks: list[Task]
+    regions: int
+    attrs: dict = field(default_factory=dict)
+    label: str = ""
+
+
+def execute_plans(
+    client: Client, plans: Sequence[StorePlan], *, description: str, retries: int = 2, progress: bool = True
+) -> None:
+    """Run every plan's tasks as one submission (recordings in parallel), then finalize each store."""
+    run_tasks(
+        client,
+        [task for plan in plans for task in plan.tasks],
+        description=description,
+        retries=retries,
+        progress=progress,
+    )
+    for plan in plans:
+        plan.store.finalize(plan.attrs)

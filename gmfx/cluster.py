@@ -1,0 +1,85 @@
+"""Getting a Dask client: an existing scheduler's address, or a local cluster sized to the machine."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import psutil
+from distributed import Client, LocalCluster
+
+from gmfx._errors import ClusterError
+
+__all__ = ["connect", "gpu_workers", "require_resource"]
+
+
+@contextlib.contextmanager
+def connect(scheduler: str | None = None, *, workers: int | None = None, gpus: int = 0) -> Iterator[Client]:
+    """A Dask client for the duration of a ``with`` block.
+
+    Parameters
+    ----------
+    scheduler
+        Address of a running scheduler (``tcp://host:8786``); ``None`` starts a local cluster.
+    workers
+        Worker processes of the local cluster (default: one per core, at most 8).
+    gpus
+        Local GPUs to use: ``gpus`` workers, each offering the resource ``GPU=1`` (CUDA picks the
+        device; for one worker per GPU of a multi-GPU box, see ``deploy/multi-gpu``).
+    """
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="20s")
+        except (OSError, TimeoutError) as error:
+            raise ClusterError(
+                f"cannot reach the Dask scheduler ({error})",
+                where=scheduler,
+                fix="check the address (tcp://HOST:8786) and that `dask scheduler` is running",
+            ) from error
+        with client:
+            _check_versions(client, scheduler)
+            yield client
+        return
+    n = gpus or workers or min(psutil.cpu_count(logical=False) or os.cpu_count() or 1, 8)
+    memory = psutil.virtual_memory().total
+    with LocalCluster(
+        n_workers=n,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        memory_limit=int(memory * 0.8 / n),
+        resources={"GPU": 1} if gpus else None,
+    ) as cluster:
+        with Client(cluster) as client:
+            yield client
+
+
+def _check_versions(client: Client, where: str) -> None:
+    try:
+        client.get_versions(check=True)
+    except ValueError as error:
+        raise ClusterError(
+            f"package versions differ between this client and the cluster's workers: {error}",
+            where=where,
+            fix="install the same gmfx environment on the client, scheduler and workers (see deploy/)",
+        ) from error
+
+
+def gpu_workers(client: Client) -> list[str]:
+    """Addresses of the workers that offer the ``GPU`` resource."""
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    return sorted(addr for addr, w in info.items() if w.get("resources", {}).get("GPU", 0) >= 1)
+
+
+def require_resource(client: Client, resource: str, *, fix: str) -> list[str]:
+    """Fail fast unless some worker offers ``resource``; return those workers."""
+    info = client.scheduler_info(n_workers=-1)["workers"]
+    found = sorted(addr for addr, w in info.items() if w.get("resources", {}).get(resource, 0) >= 1)
+    if not found:
+        raise ClusterError(
+            f"no worker of the cluster offers the {resource} resource ({len(info)} workers)",
+            where=str(client.scheduler.address if client.scheduler else "local cluster"),
+            fix=fix,
+        )
+    return found

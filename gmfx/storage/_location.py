@@ -1,0 +1,130 @@
+"""URLs and storage options: where a file or a store lives (local path, ``memory://``, ``s3://``, ...)."""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+
+__all__ = ["Location", "join_url", "parse_storage_options", "redact"]
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def join_url(base: str, *parts: str) -> str:
+    """Join path parts onto a local path or an fsspec URL."""
+    if _is_local(base):
+        return os.path.join(base.removeprefix("file://"), *parts)
+    return posixpath.join(base, *parts)
+
+
+@dataclass(frozen=True)
+class Location:
+    """A local path or fsspec URL together with the storage options needed to reach it.
+
+    The storage options (credentials, endpoint) never appear in ``repr`` or ``str``, so a location
+    can be logged or put into an error message safely.
+    """
+
+    url: str
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        url = os.fspath(self.url)
+        if _is_local(url):
+            url = os.path.abspath(url.removeprefix("file://"))
+        object.__setattr__(self, "url", url.rstrip("/") if len(url) > 1 else url)
+        object.__setattr__(self, "storage_options", dict(self.storage_options or {}))
+
+    def __str__(self) -> str:
+        return self.url
+
+    @property
+    def is_local(self) -> bool:
+        return _is_local(self.url)
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.url.replace(os.sep, "/"))
+
+    def child(self, *parts: str) -> Location:
+        """The location of ``parts`` below this one, with the same storage options."""
+        return Location(join_url(self.url, *parts), self.storage_options)
+
+    def filesystem(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        """The fsspec filesystem and the path on it."""
+        return fsspec.core.url_to_fs(self.url, **self.storage_options)
+
+    def exists(self) -> bool:
+        fs, path = self.filesystem()
+        return fs.exists(path)
+
+    def open(self, mode: str = "rb"):
+        """Open the file at this location (a context manager)."""
+        fs, path = self.filesystem()
+        return fs.open(path, mode)
+
+    def zarr_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for ``xarray.open_zarr`` / ``Dataset.to_zarr`` that reach this store."""
+        if self.is_local:
+            return {"store": self.url}
+        return {"store": self.url, "storage_options": dict(self.storage_options)}
+
+
+def parse_storage_options(pairs: list[str] | None) -> dict[str, Any]:
+    """Turn ``KEY=VALUE`` strings into storage options.
+
+    Dotted keys nest (``client_kwargs.endpoint_url=http://...``); ``true``/``false``/numbers are
+    converted.
+    """
+    from gmfx._errors import ParameterError
+
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise ParameterError(
+                f"storage option {pair.split('=')[0]!r} has no value",
+                where="--storage-option",
+                fix="write it as KEY=VALUE, e.g. --storage-option anon=true",
+            )
+        value: Any = raw
+        if raw.lower() in {"true", "false"}:
+            value = raw.lower() == "true"
+        else:
+            for convert in (int, float):
+                try:
+                    value = convert(raw)
+                    break
+                except ValueError:
+                    pass
+        target = options
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            target = target.setdefault(parent, {})
+        target[leaf] = value
+    return options
+
+
+_SECRET_WORDS = ("secret", "key", "token", "password", "passwd", "credential", "session")
+
+
+def redact(text: str, storage_options: Mapping[str, Any] | None) -> str:
+    """Remove every secret-looking storage option value from ``text``."""
+
+    def values(options: Mapping[str, Any]):
+        for key, value in options.items():
+            if isinstance(value, Mapping):
+                yield from values(value)
+            elif isinstance(value, str) and len(value) >= 4 and any(w in key.lower() for w in _SECRET_WORDS):
+                yield value
+
+    for secret in values(storage_options or {}):
+        text = text.replace(secret, "***")
+    return text

@@ -1,0 +1,185 @@
+"""Template-then-region writes with a completion record per region.
+
+A stage first writes a *template*: every array's metadata and the coordinates that are known up front
+(``Dataset.to_zarr(compute=False)``). Workers then fill *regions* along ``time``, each owning whole
+chunks, and each region that finished leaves a marker ``_gmfx/regions/<index>`` inside the store. A
+rerun with the same plan redoes only the regions without a marker; a region written twice gives the
+same bytes. ``finalize`` checks every marker, sets ``gmfx_complete`` and consolidates the metadata once:
+a store is never marked complete before every region is in.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from gmfx._errors import IncompleteStoreError, StorageError
+from gmfx.storage._location import Location, redact
+
+__all__ = ["RegionStore", "open_dataset"]
+
+_MARKERS = "_gmfx/regions"
+
+
+class RegionStore:
+    """A Zarr v3 store that one stage writes region by region.
+
+    Parameters
+    ----------
+    location
+        Where the store lives (local path or fsspec URL with storage options).
+    stage
+        The name of the stage that writes it (used in messages).
+    """
+
+    def __init__(self, location: Location, stage: str) -> None:
+        self.location = location
+        self.stage = stage
+
+    def __repr__(self) -> str:
+        return f"RegionStore({self.location.url!r}, stage={self.stage!r})"
+
+    # -- state -------------------------------------------------------------------------------------
+    def attrs(self) -> dict[str, Any] | None:
+        """The store's root attributes, or ``None`` when no store exists there."""
+        fs, path = self.location.filesystem()
+        try:
+            raw = fs.cat_file(posixpath.join(path, "zarr.json"))
+        except FileNotFoundError:
+            return None
+        except Exception as error:  # noqa: BLE001
+            raise self._error("cannot be read", error) from error
+        return json.loads(raw).get("attributes", {})
+
+    def is_complete(self) -> bool:
+        attrs = self.attrs()
+        return bool(attrs and attrs.get("gmfx_complete"))
+
+    def done_regions(self) -> set[int]:
+        """Indices of the regions that have a completion marker."""
+        fs, path = self.location.filesystem()
+        try:
+            names = fs.ls(posixpath.join(path, _MARKERS), detail=False)
+        except FileNotFoundError:
+            return set()
+        return {int(posixpath.basename(n.rstrip("/"))) for n in names if posixpath.basename(n).isdigit()}
+
+    # -- writing -----------------------------------------------------------------------------------
+    def prepare(
+        self, template: xr.Dataset, *, plan: Mapping[str, Any], overwrite: bool = False, encoding=None
+    ) -> set[int]:
+        """Write the template unless a store with the same plan exists; return the regions already done.
+
+        ``plan`` describes everything that determines the store's bytes (inputs, parameters, region
+        boundaries). A store written with another plan is an error unless ``overwrite`` is true.
+        """
+        plan_token = json.dumps(plan, sort_keys=True, default=str)
+        attrs = self.attrs()
+        if attrs is not None and not overwrite:
+            if attrs.get("gmfx_plan") == plan_token:
+                return set(range(attrs["gmfx_regions"])) if attrs.get("gmfx_complete") else self.done_regions()
+            raise StorageError(
+                f"a {self.stage} store written with other inputs or parameters already exists",
+                where=self.location.url,
+                fix="rerun with --overwrite to replace it, or choose another --out",
+            )
+        self.delete()
+        template = template.copy()
+        template.attrs.update(
+            gmfx_stage=self.stage, gmfx_plan=plan_token, gmfx_regions=int(plan["regions"]), gmfx_complete=False
+        )
+        try:
+            template.to_zarr(
+                **self.location.zarr_kwargs(),
+                mode="w",
+                compute=False,
+                zarr_format=3,
+                consolidated=False,
+                encoding=encoding,
+            )
+        except Exception as error:  # noqa: BLE001 - any backend failure becomes a clear StorageError
+            raise self._error("cannot be written", error) from error
+        return set()
+
+    def write_region(self, index: int, time: slice, arrays: Mapping[str, np.ndarray]) -> None:
+        """Write ``arrays`` (each starting with the time axis) at ``time`` and mark region ``index`` done.
+
+        Regions must start and end on chunk boundaries of every array they write (the caller's plan
+        guarantees it), so concurrent writers never share a chunk.
+        """
+        group = self._group("r+")
+        for name, values in arrays.items():
+            array = group[name]
+            array[(time,) + (slice(None),) * (array.ndim - 1)] = np.asarray(values, dtype=array.dtype)
+        fs, path = self.location.filesystem()
+        markers = posixpath.join(path, _MARKERS)
+        fs.makedirs(markers, exist_ok=True)  # a no-op on object stores
+        fs.pipe_file(posixpath.join(markers, f"{index:06d}"), b"done")
+
+    def finalize(self, extra_attrs: Mapping[str, Any] | None = None) -> None:
+        """Mark the store complete and consolidate its metadata, after checking every region is in."""
+        attrs = self.attrs() or {}
+        missing = sorted(set(range(attrs.get("gmfx_regions", 0))) - self.done_regions())
+        if missing:
+            raise IncompleteStoreError(
+                f"{len(missing)} of {attrs['gmfx_regions']} regions of the {self.stage} store are not written "
+                f"(first missing: {missing[0]})",
+                where=self.location.url,
+                fix=f"rerun gmfx {self.stage}: it resumes and writes only the missing regions",
+            )
+        group = self._group("r+")
+        group.attrs.update({**(extra_attrs or {}), "gmfx_complete": True})
+        with warnings.catch_warnings():  # our _gmfx/ markers and v3 consolidation are expected
+            warnings.filterwarnings("ignore", message=".*(not recognized as a component|Consolidated metadata).*")
+            zarr.consolidate_metadata(group.store)
+
+    def delete(self) -> None:
+        fs, path = self.location.filesystem()
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+    # -- reading -----------------------------------------------------------------------------------
+    def open(self, *, require_complete: bool = True) -> xr.Dataset:
+        """Open the store lazily with xarray."""
+        return open_dataset(self.location, stage=self.stage, require_complete=require_complete)
+
+    def _group(self, mode: str) -> zarr.Group:
+        kwargs = {} if self.location.is_local else {"storage_options": dict(self.location.storage_options)}
+        try:
+            return zarr.open_group(self.location.url, mode=mode, zarr_format=3, **kwargs)
+        except Exception as error:  # noqa: BLE001
+            raise self._error("cannot be opened", error) from error
+
+    def _error(self, what: str, error: BaseException) -> StorageError:
+        detail = redact(f"{type(error).__name__}: {error}", self.location.storage_options)
+        return StorageError(
+            f"the {self.stage} store {what} ({detail})",
+            where=self.location.url,
+            fix="check the URL, that the bucket or folder exists and is writable, and the credentials",
+        )
+
+
+def open_dataset(location: Location, *, stage: str, require_complete: bool = True) -> xr.Dataset:
+    """Open a gmfx store lazily; refuse one whose stage has not finished unless told otherwise."""
+    store = RegionStore(location, stage)
+    attrs = store.attrs()
+    if attrs is None:
+        raise StorageError(
+            f"no {stage} store exists here",
+            where=location.url,
+            fix=f"run gmfx {stage} first, or check the URL and --out",
+        )
+    if require_complete and not attrs.get("gmfx_complete"):
+        raise IncompleteStoreError(
+            f"the {stage} store is incomplete (its stage was interrupted or failed)",
+            where=location.url,
+            fix=f"rerun gmfx {stage}: it resumes and writes only the missing regions",
+        )
+    return xr.open_zarr(**location.zarr_kwargs(), consolidated=attrs.get("gmfx_complete", False))

@@ -1,0 +1,54 @@
+import os
+import pathlib
+import uuid
+
+import pytest
+
+from gmfx.storage import Location
+from gmfx.testing import local_s3_server, make_bucket, s3_storage_options
+
+DATA = pathlib.Path(__file__).parent / "data"
+
+# Keep the suite offline, quiet and single-threaded per worker process.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("GLOG_minloglevel", "2")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> pathlib.Path:
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """moto's S3 server on 127.0.0.1, shared by the whole session."""
+    with local_s3_server() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture
+def s3_root(s3_endpoint) -> Location:
+    """A fresh bucket on the local S3 server."""
+    bucket = make_bucket(s3_endpoint)
+    return Location(f"s3://{bucket}", s3_storage_options(s3_endpoint))
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def any_root(request, tmp_path) -> Location:
+    """A fresh output root on each kind of storage (conformance tests run on all three)."""
+    if request.param == "local":
+        return Location(str(tmp_path / "out"))
+    if request.param == "memory":
+        return Location(f"memory://gmfx-{uuid.uuid4().hex[:12]}")
+    return request.getfixturevalue("s3_root")
+
+
+@pytest.fixture(scope="session")
+def dask_client():
+    """A real local distributed cluster with two single-threaded worker processes."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster) as client:
+            yield client
