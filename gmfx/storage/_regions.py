@@ -22,6 +22,7 @@ import zarr
 
 from gmfx._errors import IncompleteStoreError, StorageError
 from gmfx.storage._location import Location, redact
+from gmfx.storage._retry import is_transient, retry_transient
 
 __all__ = ["RegionStore", "open_dataset"]
 
@@ -114,14 +115,23 @@ class RegionStore:
         Regions must start and end on chunk boundaries of every array they write (the caller's plan
         guarantees it), so concurrent writers never share a chunk.
         """
-        group = self._group("r+")
-        for name, values in arrays.items():
-            array = group[name]
-            array[(time,) + (slice(None),) * (array.ndim - 1)] = np.asarray(values, dtype=array.dtype)
-        fs, path = self.location.filesystem()
-        markers = posixpath.join(path, _MARKERS)
-        fs.makedirs(markers, exist_ok=True)  # a no-op on object stores
-        fs.pipe_file(posixpath.join(markers, f"{index:06d}"), b"done")
+        def write() -> None:
+            group = self._group("r+")
+            for name, values in arrays.items():
+                array = group[name]
+                array[(time,) + (slice(None),) * (array.ndim - 1)] = np.asarray(values, dtype=array.dtype)
+            fs, path = self.location.filesystem()
+            markers = posixpath.join(path, _MARKERS)
+            fs.makedirs(markers, exist_ok=True)  # a no-op on object stores
+            fs.pipe_file(posixpath.join(markers, f"{index:06d}"), b"done")
+
+        # a region write is idempotent (same bytes each time), so transient failures are retried whole
+        retry_transient(
+            write,
+            what=f"writing region {index} (time {time.start}:{time.stop}) of the {self.stage} store",
+            where=self.location.url,
+            redactor=lambda text: redact(text, self.location.storage_options),
+        )
 
     def finalize(self, extra_attrs: Mapping[str, Any] | None = None) -> None:
         """Mark the store complete and consolidate its metadata, after checking every region is in."""
@@ -155,6 +165,8 @@ class RegionStore:
         try:
             return zarr.open_group(self.location.url, mode=mode, zarr_format=3, **kwargs)
         except Exception as error:  # noqa: BLE001
+            if is_transient(error):
+                raise  # retried by the caller
             raise self._error("cannot be opened", error) from error
 
     def _error(self, what: str, error: BaseException) -> StorageError:

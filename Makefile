@@ -1,0 +1,32 @@
+# gmfx: one command installs and runs the example pipeline, one installs and runs the tests.
+#   make demo    # set-up + the whole pipeline on the bundled example dataset
+#   make test    # set-up + the test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN = $(VENV)/bin
+
+.PHONY: install demo test benchmarks clean
+
+$(BIN)/.gmfx-installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, pinned: this CPU build satisfies gmfx's torch requirement, so pip never resolves
+	# the default (CUDA) wheels. On a GPU machine install a CUDA build of the same version instead.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[test]"
+	touch $@
+
+install: $(BIN)/.gmfx-installed
+
+demo: install
+	$(BIN)/gmfx example gmfx-example
+	$(BIN)/gmfx run gmfx-example
+
+test: install
+	$(BIN)/python -m pytest -q
+
+benchmarks: install
+	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) gmfx-example .pytest_cache .hypothesis

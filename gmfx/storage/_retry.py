@@ -1,0 +1,65 @@
+"""Retries for transient storage errors (a flaky network, a throttled bucket)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+from gmfx._errors import StorageError
+
+__all__ = ["retry_transient", "is_transient", "storage_retries"]
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+_PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
+def storage_retries() -> int:
+    """How many times a storage operation is retried (``GMFX_STORAGE_RETRIES``, default 5)."""
+    return int(os.environ.get("GMFX_STORAGE_RETRIES", "5"))
+
+
+def is_transient(error: BaseException) -> bool:
+    """True for errors worth retrying: connection, timeout and other I/O errors that are not final."""
+    if isinstance(error, _PERMANENT):
+        return False
+    return isinstance(error, (OSError, TimeoutError, ConnectionError))
+
+
+def retry_transient(
+    operation: Callable[[], T],
+    *,
+    what: str,
+    where: str,
+    retries: int | None = None,
+    backoff: float = 0.2,
+    redactor: Callable[[str], str] = str,
+) -> T:
+    """Run ``operation``; retry it on transient errors with exponential back-off.
+
+    Only idempotent operations belong here (gmfx's region writes are). When the retry budget is
+    spent, raise a :class:`StorageError` that names what was being done and where.
+    """
+    budget = storage_retries() if retries is None else retries
+    for attempt in range(budget + 1):
+        try:
+            return operation()
+        except Exception as error:
+            if isinstance(error, StorageError) or not is_transient(error):
+                raise
+            if attempt == budget:
+                raise StorageError(
+                    f"{what} failed {budget + 1} times in a row; last error: "
+                    + redactor(f"{type(error).__name__}: {error}"),
+                    where=where,
+                    fix="check the storage service and network; raise GMFX_STORAGE_RETRIES for a flaky "
+                    "connection; rerun the same command to resume",
+                ) from error
+            delay = min(backoff * 2**attempt, 5.0)
+            log.warning("%s failed (%s); retry %d of %d in %.1f s", what, type(error).__name__, attempt + 1, budget, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")

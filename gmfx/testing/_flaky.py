@@ -1,0 +1,64 @@
+"""An fsspec filesystem that fails the first N writes: fault injection for storage retries."""
+
+from __future__ import annotations
+
+import threading
+from typing import ClassVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+__all__ = ["FlakyFileSystem"]
+
+
+class FlakyFileSystem(LocalFileSystem):
+    """Local files behind a ``flaky://`` URL whose first ``failures`` writes raise ``ConnectionError``.
+
+    Parameters
+    ----------
+    failures
+        How many writes fail before writes start to work.
+    counter
+        Name of the failure counter: every instance with the same name (zarr and gmfx each make their
+        own) shares it, so ``failures`` counts all writes through that name.
+
+    Examples
+    --------
+    >>> from gmfx.storage import Location
+    >>> location = Location("flaky:///tmp/out/store.zarr", {"failures": 3, "counter": "run-1"})  # doctest: +SKIP
+    """
+
+    protocol: ClassVar = ("flaky",)
+    root_marker = "/"
+    _failed: ClassVar[dict[str, int]] = {}
+    _lock: ClassVar = threading.Lock()
+
+    def __init__(self, failures: int = 0, counter: str = "default", **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.failures = failures
+        self.counter = counter
+
+    @property
+    def failed(self) -> int:
+        """How many writes have failed so far under this counter."""
+        return self._failed.get(self.counter, 0)
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        path = path[len("flaky://") :] if isinstance(path, str) and path.startswith("flaky://") else path
+        return LocalFileSystem._strip_protocol(path)
+
+    def unstrip_protocol(self, name: str) -> str:
+        return f"flaky://{name}"
+
+    def pipe_file(self, path, value, mode="overwrite", **kwargs):
+        with self._lock:
+            failed = self._failed.get(self.counter, 0)
+            if failed < self.failures:
+                self._failed[self.counter] = failed + 1
+                raise ConnectionError(f"injected failure {failed + 1} of {self.failures} writing {path}")
+        self.makedirs(self._parent(path), exist_ok=True)
+        return super().pipe_file(path, value, mode=mode, **kwargs)
+
+
+fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
