@@ -10,8 +10,9 @@ import psutil
 from distributed import Client, LocalCluster
 
 from gmfx._errors import ClusterError
+from gmfx._version import __version__
 
-__all__ = ["connect", "gpu_workers", "require_resource"]
+__all__ = ["connect", "gpu_workers", "local_gpu_count", "require_resource"]
 
 
 @contextlib.contextmanager
@@ -56,14 +57,39 @@ def connect(scheduler: str | None = None, *, workers: int | None = None, gpus: i
 
 
 def _check_versions(client: Client, where: str) -> None:
+    """Refuse a cluster whose workers run other versions of gmfx or of Dask's core packages."""
+    fix = "install the same gmfx environment on the client, scheduler and workers (see deploy/)"
     try:
         client.get_versions(check=True)
     except ValueError as error:
-        raise ClusterError(
-            f"package versions differ between this client and the cluster's workers: {error}",
-            where=where,
-            fix="install the same gmfx environment on the client, scheduler and workers (see deploy/)",
-        ) from error
+        raise ClusterError(f"package versions differ between this client and the cluster: {error}", where=where, fix=fix) from error
+    theirs = client.run(_gmfx_version)
+    differing = {worker: version for worker, version in theirs.items() if version != __version__}
+    if differing:
+        listing = ", ".join(f"{worker} has {version}" for worker, version in sorted(differing.items()))
+        raise ClusterError(f"gmfx {__version__} here, but {listing}", where=where, fix=fix)
+
+
+def _gmfx_version() -> str:
+    try:
+        from gmfx import __version__ as version
+    except ImportError:
+        return "not installed"
+    return version
+
+
+def local_gpu_count() -> int:
+    """GPUs on this machine, counted with ``nvidia-smi -L`` (no CUDA initialisation in this process)."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return 0
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in listing.splitlines())
 
 
 def gpu_workers(client: Client) -> list[str]:

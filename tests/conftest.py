@@ -52,3 +52,47 @@ def dask_client():
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         with Client(cluster) as client:
             yield client
+
+
+@pytest.fixture(scope="session")
+def cli_cluster(tmp_path_factory):
+    """`dask scheduler` and two `dask worker` processes started from the command line on 127.0.0.1;
+    the first worker offers the resource GPU=1. Yields the scheduler address."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    folder = tmp_path_factory.mktemp("cluster")
+    scheduler_file = folder / "scheduler.json"
+    dask = [sys.executable, "-m", "distributed.cli.dask_scheduler"]
+    worker = [sys.executable, "-m", "distributed.cli.dask_worker"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = ["--host", "127.0.0.1", "--no-dashboard"]
+    processes = [
+        subprocess.Popen([*dask, "--scheduler-file", str(scheduler_file), "--port", "0", *common], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while not scheduler_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        address = json.loads(scheduler_file.read_text())["address"]
+        for extra in (["--resources", "GPU=1", "--name", "gpu-worker"], ["--name", "cpu-worker"]):
+            processes.append(
+                subprocess.Popen([*worker, address, "--nworkers", "1", "--nthreads", "1", *common, *extra],
+                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            )
+        from distributed import Client
+
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(2, timeout=90)
+        yield address
+    finally:
+        for process in reversed(processes):
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
