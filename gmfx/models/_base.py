@@ -1,0 +1,156 @@
+"""The contract every reconstruction backend follows (no implementation here).
+
+A backend turns a batch of RGB frames into, for every frame, the faces it found: a mesh in world
+(image) space, a local -> world pose, a detection score and the model's codes. The recon stage owns
+everything else: reading frames, tracking faces across frames, packing NaN rows for missing faces,
+writing regions. A backend declares what it needs and produces as class attributes, so the stage can
+place its tasks (``requires_gpu``) and lay out its store (``topology``, ``outputs``) before loading it.
+
+The life cycle on a worker process is::
+
+    backend = Backend.load(device, **options)   # once per process (cached by gmfx)
+    backend.reset()                             # at the start of every time segment
+    faces = backend.reconstruct(frames, max_faces=n)   # per batch, frames in time order
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+
+__all__ = ["Backend", "Face", "Outputs", "Topology"]
+
+
+@dataclass(frozen=True, eq=False)
+class Topology:
+    """The mesh a backend produces: its vertex count, triangles and canonical template.
+
+    Attributes
+    ----------
+    name
+        Identifies the topology (two backends with the same name produce interchangeable meshes).
+    template
+        ``(n_vertices, 3)`` float32 canonical (local-space) mesh; ``mat`` maps it to world space.
+    triangles
+        ``(n_triangles, 3)`` int32 vertex indices.
+    units
+        Units of ``template`` (e.g. ``"cm"``).
+    rigid
+        ``(n_vertices,)`` bool: the default vertex subset for rigid alignment.
+    rigid_weight
+        Optional ``(n_vertices,)`` float32 weights of the rigid fit (zero outside ``rigid``).
+    """
+
+    name: str
+    template: np.ndarray
+    triangles: np.ndarray
+    units: str
+    rigid: np.ndarray
+    rigid_weight: np.ndarray | None = None
+
+    @property
+    def n_vertices(self) -> int:
+        return int(self.template.shape[0])
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """What a backend returns besides vertices, pose and score.
+
+    Attributes
+    ----------
+    codes
+        Model code name -> number of parameters (e.g. ``{"shape": 100, "exp": 50}``); stored as
+        ``code_<name>`` with dims ``(time, face, <name>_param)``.
+    n_landmarks
+        Number of sparse landmarks returned per face (0: none).
+    """
+
+    codes: Mapping[str, int] = field(default_factory=dict)
+    n_landmarks: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class Face:
+    """One face found in one frame.
+
+    Attributes
+    ----------
+    vertices
+        ``(n_vertices, 3)`` world-space vertices (units declared by ``Backend.units``).
+    mat
+        ``(4, 4)`` local -> world affine (``vertices ~ mat @ template``).
+    score
+        Detection confidence in ``[0, 1]``.
+    codes
+        Code name -> ``(n_params,)`` array, exactly the declared ``Outputs.codes``.
+    landmarks
+        ``(n_landmarks, 3)`` or ``None`` when the backend declares no landmarks.
+    """
+
+    vertices: np.ndarray
+    mat: np.ndarray
+    score: float
+    codes: Mapping[str, np.ndarray] = field(default_factory=dict)
+    landmarks: np.ndarray | None = None
+
+
+class Backend(ABC):
+    """A reconstruction model behind gmfx's recon stage.
+
+    Subclasses set the class attributes and implement :meth:`topology`, :meth:`load` and
+    :meth:`reconstruct`. Register one for ``gmfx recon --model NAME`` with an entry point in the
+    ``gmfx.models`` group (``NAME = "package.module:Class"``).
+
+    Attributes
+    ----------
+    name, version
+        Model identity, recorded in the store's attributes.
+    requires_gpu
+        Tasks must run on a worker offering the ``GPU`` resource.
+    devices
+        Devices the backend can run on (``"cpu"``, ``"cuda"``).
+    batch_size
+        Preferred number of frames per :meth:`reconstruct` call.
+    units
+        Units of the world-space vertices (e.g. ``"pixels"``).
+    outputs
+        Codes and landmarks returned per face.
+    """
+
+    name: ClassVar[str]
+    version: ClassVar[str]
+    requires_gpu: ClassVar[bool] = False
+    devices: ClassVar[tuple[str, ...]] = ("cpu",)
+    batch_size: ClassVar[int] = 32
+    units: ClassVar[str] = "pixels"
+    outputs: ClassVar[Outputs] = Outputs()
+
+    @classmethod
+    @abstractmethod
+    def topology(cls) -> Topology:
+        """The mesh topology (cheap: no model weights are loaded)."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, device: str, **options: Any) -> Backend:
+        """Load the model on ``device``; gmfx calls this once per worker process and options."""
+
+    @abstractmethod
+    def reconstruct(self, frames: np.ndarray, *, max_faces: int) -> list[list[Face]]:
+        """Faces found in each frame of ``frames`` (``(n, height, width, 3)`` uint8 RGB, time order).
+
+        Returns one list per frame with at most ``max_faces`` faces, in any order (gmfx tracks them),
+        and an empty list for a frame without a face.
+        """
+
+    def reset(self) -> None:
+        """Forget any state carried between frames (called at the start of every time segment)."""
+
+    def attrs(self) -> dict[str, Any]:
+        """Provenance recorded in the store (thresholds, library versions); JSON-serialisable."""
+        return {}

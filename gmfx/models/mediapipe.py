@@ -1,0 +1,225 @@
+"""MediaPipe face mesh (478 points, CPU) as a gmfx backend, with a pose fitted to the canonical model.
+
+Vertices
+    MediaPipe's 478 landmarks in pixels: ``(x * width, y * height, z * width)`` (x right, y down, z
+    away from the camera; MediaPipe's z is relative depth on the x scale).
+Pose (``mat``)
+    MediaPipe gives no pose offline. Like its face-geometry pipeline, gmfx fits the canonical face
+    model to the mesh with a weighted Procrustes fit on 33 stable landmarks (weights from MediaPipe's
+    geometry metadata). Unlike that pipeline, the fit is a similarity (scale, rotation, translation) in
+    the pixel space of the vertices, not in a metric space behind a perspective camera: ``mat`` maps
+    the template (cm) to the vertices (pixels), so ``mat[:3, :3] / scale`` is the head rotation.
+Score
+    The face-mesh graph scores a face only when its face detector (BlazeFace) runs, i.e. when a track
+    starts; while the landmark model tracks the face from frame to frame it checks presence against
+    ``min_tracking_confidence`` internally but exposes no number. ``score`` is therefore the
+    detector's score of the detection that started (or last refreshed) the face's track, carried along
+    the track. A track that cannot be tied to a detection (no detector output near it) gets
+    ``min_detection_confidence``, the lower bound every detection passed.
+Topology
+    The 468-vertex canonical model with its 898 triangles, plus the 10 iris points of the refined mesh
+    (468-472: the subject's right iris centre then its right, top, left and bottom edge in the image;
+    473-477: the left iris, same order). The iris points are in no triangle and not rigid; their
+    template positions are placed from the eye landmarks with an iris radius of 0.585 cm.
+Segments
+    MediaPipe tracks a face using the previous frame's landmarks. :meth:`reset` restarts the graph, so
+    every time segment starts with a detection and a segment's output does not depend on the others.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib.resources import files
+from typing import Any
+
+import numpy as np
+
+from gmfx.models._base import Backend, Face, Topology
+from gmfx.models._geometry import similarity_fit, similarity_matrix
+from gmfx.models._tracking import match_points
+
+__all__ = ["MediaPipeBackend", "N_MESH_VERTICES", "N_VERTICES"]
+
+N_MESH_VERTICES = 468
+N_VERTICES = 478
+IRIS_RADIUS_CM = 0.585
+#: per eye: iris centre index, then the eye landmarks whose mean places it (corners, upper and lower lid)
+_IRIS_EYES = ((468, (33, 133, 159, 145)), (473, (362, 263, 386, 374)))
+#: edge point offsets from the iris centre in template axes (x right, y up): right, top, left, bottom
+_IRIS_EDGE = np.array([[1, 0, 0], [0, 1, 0], [-1, 0, 0], [0, -1, 0]], dtype=np.float64)
+
+
+@cache
+def _resources() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    folder = files("gmfx") / "data" / "mediapipe_face"
+    with (folder / "canonical_face_model.npz").open("rb") as handle:
+        model = np.load(handle)
+        canonical, triangles = model["vertices"].astype(np.float64), model["triangles"].astype(np.int32)
+    basis = json.loads((folder / "procrustes_landmark_basis.json").read_text())["landmark_weights"]
+    indices = np.array([item["index"] for item in basis])
+    weights = np.array([item["weight"] for item in basis])
+    return canonical, triangles, indices, weights
+
+
+def mediapipe_template() -> np.ndarray:
+    """The ``(478, 3)`` template in cm: the canonical model plus the 10 iris points."""
+    canonical, *_ = _resources()
+    template = np.empty((N_VERTICES, 3))
+    template[:N_MESH_VERTICES] = canonical
+    for centre, eye in _IRIS_EYES:
+        template[centre] = canonical[list(eye)].mean(axis=0)
+        template[centre + 1 : centre + 5] = template[centre] + IRIS_RADIUS_CM * _IRIS_EDGE
+    return template
+
+
+class MediaPipeBackend(Backend):
+    """MediaPipe face mesh with refined (iris) landmarks, on CPU.
+
+    Options of :meth:`load`: ``min_detection_confidence`` and ``min_tracking_confidence`` (both 0.5 by
+    default, as in MediaPipe).
+    """
+
+    name = "mediapipe"
+    version = "face_mesh-478"
+    requires_gpu = False
+    devices = ("cpu",)
+    batch_size = 64
+    units = "pixels"
+
+    def __init__(self, *, min_detection_confidence: float = 0.5, min_tracking_confidence: float = 0.5) -> None:
+        self.min_detection_confidence = float(min_detection_confidence)
+        self.min_tracking_confidence = float(min_tracking_confidence)
+        self._graph = None
+        self._max_faces = 0
+        self._previous = np.empty((0, 2))
+        self._previous_scores = np.empty(0)
+
+    @classmethod
+    def topology(cls) -> Topology:
+        _, triangles, indices, weights = _resources()
+        rigid = np.zeros(N_VERTICES, dtype=bool)
+        rigid[indices] = True
+        rigid_weight = np.zeros(N_VERTICES, dtype=np.float32)
+        rigid_weight[indices] = weights
+        return Topology(
+            name="mediapipe-478",
+            template=mediapipe_template().astype(np.float32),
+            triangles=triangles,
+            units="cm",
+            rigid=rigid,
+            rigid_weight=rigid_weight,
+        )
+
+    @classmethod
+    def load(cls, device: str, **options: Any) -> MediaPipeBackend:
+        if device != "cpu":
+            raise ValueError(f"MediaPipe's face mesh runs on the CPU only, not on {device!r}")
+        return cls(**options)
+
+    def attrs(self) -> dict[str, Any]:
+        import mediapipe
+
+        return {
+            "mediapipe_version": mediapipe.__version__,
+            "min_detection_confidence": self.min_detection_confidence,
+            "min_tracking_confidence": self.min_tracking_confidence,
+            "refine_landmarks": True,
+            "score": "face detector score of the detection that started the track",
+            "pose_fit": "weighted similarity Procrustes of the canonical model on 33 landmarks, pixel space",
+        }
+
+    def reset(self) -> None:
+        if self._graph is not None:
+            self._graph.close()
+        self._graph = None
+        self._previous = np.empty((0, 2))
+        self._previous_scores = np.empty(0)
+
+    def reconstruct(self, frames: np.ndarray, *, max_faces: int) -> list[list[Face]]:
+        if self._graph is None or self._max_faces != max_faces:
+            self.reset()
+            self._graph = self._new_graph(max_faces)
+            self._max_faces = max_faces
+        return [self._frame(np.ascontiguousarray(frame)) for frame in frames]
+
+    def _new_graph(self, max_faces: int):
+        # The graph of mediapipe.solutions.face_mesh.FaceMesh(static_image_mode=False,
+        # refine_landmarks=True), built the same way, plus the detector's output for the score.
+        from mediapipe.python.solution_base import SolutionBase
+        from mediapipe.python.solutions import face_mesh
+
+        return SolutionBase(
+            binary_graph_path=face_mesh._BINARYPB_FILE_PATH,
+            side_inputs={"num_faces": max_faces, "with_attention": True, "use_prev_landmarks": True},
+            calculator_params={
+                "facedetectionshortrangecpu__facedetectionshortrange__facedetection__"
+                "TensorsToDetectionsCalculator.min_score_thresh": self.min_detection_confidence,
+                "facelandmarkcpu__ThresholdingCalculator.threshold": self.min_tracking_confidence,
+            },
+            outputs=["multi_face_landmarks", "face_detections"],
+        )
+
+    def _frame(self, frame: np.ndarray) -> list[Face]:
+        height, width = frame.shape[:2]
+        result = self._graph.process(frame)
+        meshes = [
+            landmarks_to_pixels(
+                np.array([(p.x, p.y, p.z) for p in face.landmark], dtype=np.float64), width, height
+            )
+            for face in result.multi_face_landmarks or []
+        ]
+        detections = [_detection_centre_and_score(d, width, height) for d in result.face_detections or []]
+        centres = np.array([m[:, :2].mean(axis=0) for m in meshes]).reshape(-1, 2)
+        sizes = np.array([np.ptp(m[:, :2], axis=0).max() for m in meshes])
+        scores = carried_scores(
+            centres,
+            sizes,
+            np.array([d[0] for d in detections]).reshape(-1, 2),
+            np.array([d[1] for d in detections]),
+            self._previous,
+            self._previous_scores,
+            default=self.min_detection_confidence,
+        )
+        self._previous, self._previous_scores = centres, scores
+        return [Face(vertices=m.astype(np.float32), mat=pose_matrix(m), score=float(s)) for m, s in zip(meshes, scores)]
+
+
+def landmarks_to_pixels(landmarks: np.ndarray, width: int, height: int) -> np.ndarray:
+    """MediaPipe's normalised ``(n, 3)`` landmarks in pixels: ``(x * width, y * height, z * width)``."""
+    return landmarks * np.array([width, height, width], dtype=landmarks.dtype)
+
+
+def pose_matrix(vertices: np.ndarray) -> np.ndarray:
+    """The ``(4, 4)`` float32 template -> ``vertices`` similarity fitted on the Procrustes basis."""
+    canonical, _, indices, weights = _resources()
+    return similarity_matrix(*similarity_fit(canonical[indices], vertices[indices], weights)).astype(np.float32)
+
+
+def carried_scores(
+    centres: np.ndarray,
+    sizes: np.ndarray,
+    detection_centres: np.ndarray,
+    detection_scores: np.ndarray,
+    previous_centres: np.ndarray,
+    previous_scores: np.ndarray,
+    *,
+    default: float,
+) -> np.ndarray:
+    """Each face's score: its detection's score, else the score its track carried, else ``default``.
+
+    Faces are tied to detections and to the previous frame's faces by nearest centre (one-to-one,
+    within the face's size).
+    """
+    scores = np.full(len(centres), float(default))
+    from_previous = match_points(previous_centres, centres, sizes)
+    scores[from_previous >= 0] = previous_scores[from_previous[from_previous >= 0]]
+    from_detection = match_points(detection_centres, centres, sizes)
+    scores[from_detection >= 0] = detection_scores[from_detection[from_detection >= 0]]
+    return scores
+
+
+def _detection_centre_and_score(detection, width: int, height: int) -> tuple[np.ndarray, float]:
+    box = detection.location_data.relative_bounding_box
+    centre = np.array([(box.xmin + box.width / 2) * width, (box.ymin + box.height / 2) * height])
+    return centre, float(detection.score[0])
