@@ -194,6 +194,167 @@ def _print_outputs(stores) -> None:
         typer.echo(str(store))
 
 
+BatchOpt = Annotated[int | None, typer.Option(min=1, metavar="N", help="Frames per model call [default: the model's].")]
+MaxFacesOpt = Annotated[int, typer.Option(min=1, metavar="N", help="Faces to track per frame.")]
+
+
+def _local_gpus(selection: Selection, device: str) -> int:
+    """GPUs to give a local cluster: none on --device cpu or with a --scheduler."""
+    if selection.scheduler or device.lower() == "cpu":
+        return 0
+    from gmfx.cluster import local_gpu_count
+
+    return local_gpu_count()
+
+
+@app.command()
+def recon(
+    input: InputArg,
+    participant_label: ParticipantOpt = None,
+    task: TaskOpt = None,
+    out: OutOpt = None,
+    storage_option: StorageOpt = None,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    overwrite: OverwriteOpt = False,
+    progress: ProgressOpt = True,
+    verbose: VerboseOpt = False,
+    model: ModelOpt = "mediapipe",
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = None,
+    max_faces: MaxFacesOpt = 1,
+) -> None:
+    """Reconstruct a 3D face mesh per frame and face (decoding the videos first when needed).
+
+    Examples:
+
+      gmfx recon /data/study -p 01
+
+      gmfx_recon /data/study --participant-label sub-01 --device cuda
+
+      gmfx recon s3://lab/study --scheduler tcp://10.0.0.5:8786 --device cuda --max-faces 2
+    """
+    from gmfx.stages.recon import recon as run_recon
+
+    with _session(input, participant_label, task, out, storage_option, scheduler, workers, overwrite, progress, verbose) as sel:
+        recordings = sel.recordings()
+        with sel.client(gpus=_local_gpus(sel, device)) as client:
+            stores = run_recon(
+                recordings,
+                sel.out,
+                client=client,
+                model=model,
+                device=device.lower(),
+                batch_size=batch_size,
+                max_faces=max_faces,
+                overwrite=sel.overwrite,
+                progress=sel.progress,
+            )
+        _print_outputs(stores)
+
+
+@app.command()
+def run(
+    input: InputArg,
+    participant_label: ParticipantOpt = None,
+    task: TaskOpt = None,
+    out: OutOpt = None,
+    storage_option: StorageOpt = None,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    overwrite: OverwriteOpt = False,
+    progress: ProgressOpt = True,
+    verbose: VerboseOpt = False,
+    max_size: Annotated[int | None, typer.Option(min=8, metavar="PIXELS", help="Decode: downscale so the longest side is at most this.")] = None,
+    model: ModelOpt = "mediapipe",
+    device: DeviceOpt = "auto",
+    batch_size: BatchOpt = None,
+    max_faces: MaxFacesOpt = 1,
+    sampling_freq: Annotated[float | None, typer.Option(min=0.0, metavar="HZ", help="Interpolate: rate of the even grid [default: 1 / median frame interval].")] = None,
+    highpass: Annotated[float | None, typer.Option(metavar="HZ", help="Filter: high-pass cut-off; 0 switches it off.")] = 0.005,
+    lowpass: Annotated[float | None, typer.Option(metavar="HZ", help="Filter: low-pass cut-off; 0 switches it off.")] = 4.0,
+    epoch_start: Annotated[float, typer.Option(metavar="SECONDS", help="Epoch: window start relative to the event onset.")] = -0.5,
+    epoch_end: Annotated[float, typer.Option(metavar="SECONDS", help="Epoch: window end relative to the event onset.")] = 2.0,
+) -> None:
+    """Run the whole pipeline: decode, recon, preproc (align, interpolate, filter) and epochs.
+
+    Recordings run in parallel on the cluster; finished work is kept and a rerun resumes. Epochs are
+    cut for recordings that have an _events.tsv.
+
+    Examples:
+
+      gmfx example ./demo && gmfx run ./demo
+
+      gmfx run /data/study -p 01 -p 02 --workers 4
+
+      gmfx run s3://lab/study --out s3://lab/derivatives/gmfx --scheduler tcp://10.0.0.5:8786 --device cuda
+    """
+    from gmfx.pipeline import run_pipeline
+
+    with _session(input, participant_label, task, out, storage_option, scheduler, workers, overwrite, progress, verbose) as sel:
+        recordings = sel.recordings()
+        with sel.client(gpus=_local_gpus(sel, device)) as client:
+            summaries, timings = run_pipeline(
+                recordings,
+                sel.out,
+                client=client,
+                decode_options={"max_size": max_size},
+                recon_options={"model": model, "device": device.lower(), "batch_size": batch_size, "max_faces": max_faces},
+                preproc_options={"sampling_freq": sampling_freq, "highpass": highpass or None, "lowpass": lowpass or None},
+                epoch_options={"start": epoch_start, "end": epoch_end},
+                overwrite=sel.overwrite,
+                progress=sel.progress,
+            )
+        _print_summary(summaries, timings, sel.out)
+
+
+def _print_summary(summaries, timings, out: Location) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"gmfx run: {len(summaries)} recording(s)")
+    for column in ("recording", "frames", "face found", "outputs"):
+        table.add_column(column, overflow="fold")
+    for summary in summaries:
+        table.add_row(
+            summary.recording,
+            str(summary.frames),
+            f"{summary.detected_fraction:.0%}",
+            "\n".join(summary.outputs.values()),
+        )
+    console = Console(width=200)
+    console.print(table)
+    console.print("time per stage: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in timings.items()))
+    if summaries:
+        outputs = summaries[0].outputs
+        console.print(
+            f"Outputs are in {out}. Open them lazily with xarray, e.g.:\n"
+            f"  import gmfx\n"
+            f"  recon = gmfx.open_recon({outputs['recon']!r})\n"
+            f"  preproc = gmfx.open_recon({outputs['preproc']!r})"
+        )
+
+
+@app.command()
+def models() -> None:
+    """List the installed reconstruction models and what they declare.
+
+    Example:
+
+      gmfx models
+    """
+    from gmfx.models import available_backends, get_backend
+
+    for name in available_backends():
+        try:
+            backend = get_backend(name)
+        except GmfxError as error:
+            typer.echo(f"{name}: cannot be loaded ({error.what})")
+            continue
+        where = "GPU" if backend.requires_gpu else "CPU or GPU"
+        typer.echo(f"{name}: {backend.topology().n_vertices} vertices, runs on {where}")
+
+
 @app.command()
 def example(
     dest: Annotated[str, typer.Argument(metavar="DEST", help="Folder to write the example dataset to.")] = "gmfx-example",
@@ -229,3 +390,4 @@ def _alias(command: str):
 
 
 decode_main = _alias("decode")
+recon_main = _alias("recon")
