@@ -1,0 +1,10 @@
+"""Lazy preprocessing of 4D face data: rigid alignment, resampling, filtering and epoching.
+
+Every function takes and returns an ``xarray.Dataset`` backed by Dask arrays and computes nothing;
+see :mod:`gmfx.stages.preproc` for writing the results to stores.
+"""
+
+from gmfx.preproc._api import DEFAULT_MAX_GAP, align, epoch, filter, interpolate, open_recon
+from gmfx.preproc._rigid import MOTION_PARAMS
+
+__all__ = ["DEFAULT_MAX_GAP", "MOTION_PARAMS", "align", "epoch", "filter", "interpolate", "open_recon"]

@@ -1,0 +1,160 @@
+"""Closed-form rigid (and similarity) fits and 4x4 affine helpers, batched over leading axes.
+
+Convention for the 12 motion parameters of an affine ``M`` (``x' = A x + t``)::
+
+    A = R @ Z @ S,  R = Rz(rz) @ Ry(ry) @ Rx(rx),  Z = [[1, hxy, hxz], [0, 1, hyz], [0, 0, 1]],
+    S = diag(sx, sy, sz)
+
+and the parameters are ``(tx, ty, tz, rx, ry, rz [degrees], sx, sy, sz, hxy, hxz, hyz)``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "MOTION_PARAMS",
+    "fit_transforms",
+    "apply_affine",
+    "invert_affine",
+    "decompose_affine",
+    "compose_affine",
+    "euler_to_matrix",
+]
+
+MOTION_PARAMS = ("tx", "ty", "tz", "rx", "ry", "rz", "sx", "sy", "sz", "shear_xy", "shear_xz", "shear_yz")
+
+
+def fit_transforms(points: np.ndarray, reference: np.ndarray, weights: np.ndarray, *, scale: bool = False) -> np.ndarray:
+    """Weighted least-squares rotation + translation (+ uniform scale) mapping ``points`` onto ``reference``.
+
+    Closed form of Umeyama (1991): one 3x3 SVD per frame, all frames at once.
+
+    Parameters
+    ----------
+    points
+        ``(..., vertex, 3)`` point sets (e.g. one per frame and face).
+    reference
+        ``(vertex, 3)`` or an array broadcastable to ``points``.
+    weights
+        ``(vertex,)`` non-negative weights; vertices with weight 0 are ignored.
+    scale
+        Also fit a uniform scale.
+
+    Returns
+    -------
+    ``(..., 4, 4)`` affines ``M`` with ``M @ [p, 1] ~ [reference, 1]``; NaN where a weighted point or
+    the reference is not finite.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    reference = np.broadcast_to(np.asarray(reference, dtype=np.float64), points.shape)
+    used = np.asarray(weights, dtype=np.float64) > 0
+    w = np.asarray(weights, dtype=np.float64)[used]
+    w = w / w.sum()
+    x = points[..., used, :]
+    y = reference[..., used, :]
+    valid = np.isfinite(x).all(axis=(-2, -1)) & np.isfinite(y).all(axis=(-2, -1))
+    x = np.where(valid[..., None, None], x, 0.0)
+    y = np.where(valid[..., None, None], y, 0.0)
+    mean_x = np.einsum("...vi,v->...i", x, w)
+    mean_y = np.einsum("...vi,v->...i", y, w)
+    xc = x - mean_x[..., None, :]
+    yc = y - mean_y[..., None, :]
+    covariance = np.einsum("...vi,v,...vj->...ij", yc, w, xc)
+    u, d, vt = np.linalg.svd(covariance)
+    sign = np.sign(np.linalg.det(u) * np.linalg.det(vt))
+    sign[sign == 0] = 1.0
+    correction = np.ones(d.shape)
+    correction[..., 2] = sign
+    rotation = np.einsum("...ij,...j,...jk->...ik", u, correction, vt)
+    if scale:
+        variance = np.einsum("...vi,v,...vi->...", xc, w, xc)
+        factor = (d * correction).sum(-1) / np.where(variance > 0, variance, np.nan)
+    else:
+        factor = np.ones(valid.shape)
+    linear = factor[..., None, None] * rotation
+    translation = mean_y - np.einsum("...ij,...j->...i", linear, mean_x)
+    out = _assemble(linear, translation)
+    out[~valid] = np.nan
+    return out
+
+
+def _assemble(linear: np.ndarray, translation: np.ndarray) -> np.ndarray:
+    out = np.zeros(linear.shape[:-2] + (4, 4))
+    out[..., :3, :3] = linear
+    out[..., :3, 3] = translation
+    out[..., 3, 3] = 1.0
+    return out
+
+
+def apply_affine(matrices: np.ndarray, points: np.ndarray) -> np.ndarray:
+    """``(..., 4, 4)`` affines applied to ``(..., vertex, 3)`` points."""
+    matrices = np.asarray(matrices, dtype=np.float64)
+    return np.einsum("...ij,...vj->...vi", matrices[..., :3, :3], points) + matrices[..., None, :3, 3]
+
+
+def invert_affine(matrices: np.ndarray) -> np.ndarray:
+    """Inverse of ``(..., 4, 4)`` affines (NaN stays NaN)."""
+    matrices = np.asarray(matrices, dtype=np.float64)
+    finite = np.isfinite(matrices).all(axis=(-2, -1))
+    safe = np.where(finite[..., None, None], matrices, np.eye(4))
+    linear = np.linalg.inv(safe[..., :3, :3])
+    out = _assemble(linear, -np.einsum("...ij,...j->...i", linear, safe[..., :3, 3]))
+    out[~finite] = np.nan
+    return out
+
+
+def decompose_affine(matrices: np.ndarray) -> np.ndarray:
+    """The 12 motion parameters (see the module docstring) of ``(..., 4, 4)`` affines."""
+    matrices = np.asarray(matrices, dtype=np.float64)
+    finite = np.isfinite(matrices).all(axis=(-2, -1))
+    safe = np.where(finite[..., None, None], matrices, np.eye(4))
+    q, r = np.linalg.qr(safe[..., :3, :3])
+    signs = np.sign(np.diagonal(r, axis1=-2, axis2=-1))
+    signs[signs == 0] = 1.0
+    q = q * signs[..., None, :]
+    r = r * signs[..., :, None]
+    flip = np.linalg.det(q) < 0  # a reflection goes into a negative sz, R stays a rotation
+    q[flip, :, 2] *= -1
+    r[flip, 2, :] *= -1
+    sx, sy, sz = r[..., 0, 0], r[..., 1, 1], r[..., 2, 2]
+    rx = np.arctan2(q[..., 2, 1], q[..., 2, 2])
+    ry = np.arctan2(-q[..., 2, 0], np.hypot(q[..., 2, 1], q[..., 2, 2]))
+    rz = np.arctan2(q[..., 1, 0], q[..., 0, 0])
+    params = np.stack(
+        [
+            safe[..., 0, 3], safe[..., 1, 3], safe[..., 2, 3],
+            np.degrees(rx), np.degrees(ry), np.degrees(rz),
+            sx, sy, sz,
+            r[..., 0, 1] / sy, r[..., 0, 2] / sz, r[..., 1, 2] / sz,
+        ],
+        axis=-1,
+    )  # fmt: skip
+    params[~finite] = np.nan
+    return params
+
+
+def euler_to_matrix(rx: np.ndarray, ry: np.ndarray, rz: np.ndarray) -> np.ndarray:
+    """``Rz @ Ry @ Rx`` for angles in degrees, ``(..., 3, 3)``."""
+    rx, ry, rz = (np.radians(np.asarray(a, dtype=np.float64)) for a in (rx, ry, rz))
+    cx, sx, cy, sy, cz, sz = np.cos(rx), np.sin(rx), np.cos(ry), np.sin(ry), np.cos(rz), np.sin(rz)
+    return np.stack(
+        [
+            np.stack([cz * cy, cz * sy * sx - sz * cx, cz * sy * cx + sz * sx], -1),
+            np.stack([sz * cy, sz * sy * sx + cz * cx, sz * sy * cx - cz * sx], -1),
+            np.stack([-sy, cy * sx, cy * cx], -1),
+        ],
+        axis=-2,
+    )
+
+
+def compose_affine(params: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`decompose_affine`: ``(..., 12)`` parameters -> ``(..., 4, 4)`` affines."""
+    p = np.asarray(params, dtype=np.float64)
+    rotation = euler_to_matrix(p[..., 3], p[..., 4], p[..., 5])
+    shear = np.zeros(p.shape[:-1] + (3, 3))
+    shear[..., [0, 1, 2], [0, 1, 2]] = 1.0
+    shear[..., 0, 1], shear[..., 0, 2], shear[..., 1, 2] = p[..., 9], p[..., 10], p[..., 11]
+    scales = p[..., 6:9]
+    linear = rotation @ shear * scales[..., None, :]
+    return _assemble(linear, p[..., :3])
