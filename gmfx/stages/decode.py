@@ -1,0 +1,266 @@
+"""Decode stage: every video becomes a chunked Zarr store of RGB frames with exact per-frame times.
+
+The store ``<out>/sub-XX/[ses-YY/]<recording>_frames.zarr`` holds ``frames`` ``(time, y, x, rgb)`` uint8,
+chunked ``(chunk_frames, H, W, 3)`` and compressed with zstd, and the coordinates ``time`` (seconds,
+from ``_frametimes.tsv`` when present, else the container's pts) and ``frame`` (0..n-1).
+
+Planning indexes each video (demux only), checks its frame times and writes the store's template with
+the coordinates. Each task then decodes one *segment* (whole chunks) and writes it chunk by chunk while
+decoding the next chunk, so a task holds about two chunks in memory however long its segment is; the
+segment's last chunk goes through :meth:`RegionStore.write_region`, which marks the region done.
+
+Defaults, from measurements on 640x360 video (``benchmarks/decode.py``):
+
+* ``chunk_frames``: 64 frames (about 2 s of video, 44 MB raw and 10-20 MB stored at 640x360), fewer
+  when 64 frames would exceed 64 MiB raw; later stages read whole chunks, and objects of 10+ MB suit S3.
+* ``segment_frames``: about 512 frames (whole chunks). A task seeks to the keyframe before its segment
+  and decodes from there, so segments much longer than the keyframe interval waste little work, while
+  several segments per video keep every worker busy.
+* zstd level 2 (``compression_level``): 3.2x smaller than raw at about 640 frames/s per core; level 3
+  stores 12 % less but compresses 25 % slower, level 1 is barely faster and 20 % larger.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import dask.array
+import numpy as np
+import xarray as xr
+import zarr
+from distributed import Client
+from zarr.codecs import ZstdCodec
+
+from gmfx._errors import ParameterError
+from gmfx._execute import StorePlan, execute_plans
+from gmfx._version import __version__
+from gmfx._video import VideoIndex, index_video, iter_segment, output_size, read_frame_times
+from gmfx.dataset import Recording
+from gmfx.storage import Location, RegionStore, open_dataset, redact, store_location, write_dataset_description
+from gmfx.storage._retry import retry_transient
+from gmfx.types import Region, Stage, Task, split_regions
+
+__all__ = ["STAGE", "plan_decode", "decode", "open_frames", "default_chunk_frames"]
+
+STAGE = Stage("decode", reads=("video",), writes=("frames",))
+
+#: chunks hold at most this many frames, and at most ``MAX_CHUNK_BYTES`` raw
+MAX_CHUNK_FRAMES = 64
+MAX_CHUNK_BYTES = 64 * 2**20
+#: frames a task decodes by default (rounded to whole chunks)
+SEGMENT_FRAMES = 512
+COMPRESSION_LEVEL = 2
+
+
+def default_chunk_frames(width: int, height: int) -> int:
+    """Frames per chunk: ``MAX_CHUNK_FRAMES``, fewer when that would exceed ``MAX_CHUNK_BYTES`` raw."""
+    return max(1, min(MAX_CHUNK_FRAMES, MAX_CHUNK_BYTES // (width * height * 3)))
+
+
+def plan_decode(
+    recording: Recording,
+    out: Location,
+    *,
+    chunk_frames: int | None = None,
+    segment_frames: int | None = None,
+    max_size: int | None = None,
+    compression_level: int = COMPRESSION_LEVEL,
+    overwrite: bool = False,
+) -> StorePlan:
+    """Index ``recording``'s video, write its frames store's template, and list the regions left to do.
+
+    Parameters
+    ----------
+    recording
+        The recording to decode (its video, and ``_frametimes.tsv`` when present).
+    out
+        The output root; the store goes to ``<out>/sub-XX/[ses-YY/]<recording>_frames.zarr``.
+    chunk_frames
+        Frames per Zarr chunk (default: :func:`default_chunk_frames`).
+    segment_frames
+        Frames per task, rounded up to whole chunks (default: about 512).
+    max_size
+        Shrink frames so that their longest side is at most this many pixels.
+    compression_level
+        zstd level of the stored frames.
+    overwrite
+        Replace a store written with other inputs or parameters.
+
+    Raises
+    ------
+    VideoError, FrameTimesError, StorageError, ParameterError
+    """
+    _check_positive(chunk_frames=chunk_frames, segment_frames=segment_frames, max_size=max_size)
+    index = index_video(recording.video)
+    times = (
+        index.times
+        if recording.frametimes is None
+        else read_frame_times(recording.frametimes, recording.video, index.n_frames)
+    )
+    width, height = output_size(index.width, index.height, max_size)
+    chunk = chunk_frames or default_chunk_frames(width, height)
+    chunks_per_segment = max(1, -(-(segment_frames or SEGMENT_FRAMES) // chunk))
+    regions = split_regions(index.n_frames, chunk, chunks_per_segment)
+    attrs = {
+        "gmfx_version": __version__,
+        "source": recording.video.url,
+        "frame_times_source": "container" if recording.frametimes is None else recording.frametimes.url,
+        "codec": index.codec,
+        "source_width": index.width,
+        "source_height": index.height,
+        "width": width,
+        "height": height,
+        "time_base": f"{index.time_base.numerator}/{index.time_base.denominator}",
+        "n_frames": index.n_frames,
+        "chunk_frames": chunk,
+    }
+    plan = {
+        "source": recording.video.url,
+        "source_pts": _digest(index.pts.tobytes()),
+        "frame_times_source": attrs["frame_times_source"],
+        "frame_times": _digest(times.tobytes()),
+        "chunk_frames": chunk,
+        "segment_frames": chunks_per_segment * chunk,
+        "max_size": max_size,
+        "width": width,
+        "height": height,
+        "compression_level": compression_level,
+        "regions": len(regions),
+    }
+    store = RegionStore(store_location(out, recording, STAGE.name), STAGE.name)
+    template, encoding = _template(times, width, height, chunk, compression_level, attrs)
+    done = store.prepare(template, plan=plan, overwrite=overwrite, encoding=encoding)
+    token = _digest(json.dumps(plan, sort_keys=True).encode())[:12]
+    tasks = [
+        Task(
+            key=f"decode-{recording.name}-{token}-{region.index:06d}",
+            function=decode_region,
+            args=(store, recording.video, index, region, chunk, max_size),
+            weight=len(region),
+        )
+        for region in regions
+        if region.index not in done
+    ]
+    return StorePlan(store=store, tasks=tasks, regions=len(regions), attrs=attrs, label=recording.name)
+
+
+def decode_region(
+    store: RegionStore, video: Location, index: VideoIndex, region: Region, chunk_frames: int, max_size: int | None
+) -> int:
+    """Decode ``region`` of ``video`` into ``store`` chunk by chunk; mark it done; return its frame count.
+
+    Chunks are compressed and written in a background thread while the next chunk decodes; the last
+    chunk is written with the completion marker, after every other chunk of the region is in.
+    """
+    frames_array = _open_frames_array(store)
+    pending: list[Future] = []
+    start, last = region.start, None
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="gmfx-decode-write") as writer:
+        for batch in iter_segment(video, index, region.start, region.stop, batch=chunk_frames, max_size=max_size):
+            if last is not None:
+                if len(pending) >= 2:  # bound memory: at most two chunks waiting to be written
+                    pending.pop(0).result()
+                pending.append(writer.submit(_write_chunk, store, frames_array, *last))
+            last = (slice(start, start + len(batch)), batch)
+            start += len(batch)
+        for future in pending:
+            future.result()
+    store.write_region(region.index, last[0], {"frames": last[1]})
+    return len(region)
+
+
+def _write_chunk(store: RegionStore, array: zarr.Array, time: slice, values: np.ndarray) -> None:
+    def write() -> None:
+        array[time] = values
+
+    retry_transient(
+        write,
+        what=f"writing frames {time.start}:{time.stop} of the decode store",
+        where=store.location.url,
+        redactor=lambda text: redact(text, store.location.storage_options),
+    )
+
+
+def _open_frames_array(store: RegionStore) -> zarr.Array:
+    location = store.location
+    kwargs = {} if location.is_local else {"storage_options": dict(location.storage_options)}
+    return zarr.open_array(posixpath.join(location.url, "frames"), mode="r+", zarr_format=3, **kwargs)
+
+
+def decode(
+    recordings: Sequence[Recording],
+    out: Location,
+    *,
+    client: Client,
+    chunk_frames: int | None = None,
+    segment_frames: int | None = None,
+    max_size: int | None = None,
+    compression_level: int = COMPRESSION_LEVEL,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[Location]:
+    """Decode every recording's video into its frames store on ``client``; return the stores.
+
+    All recordings run as one submission; a rerun after a failure or an interruption decodes only the
+    segments that are missing, and a complete store with the same inputs and parameters is kept as is.
+    See :func:`plan_decode` for the parameters.
+    """
+    if not recordings:
+        return []
+    plans = [
+        plan_decode(
+            recording,
+            out,
+            chunk_frames=chunk_frames,
+            segment_frames=segment_frames,
+            max_size=max_size,
+            compression_level=compression_level,
+            overwrite=overwrite,
+        )
+        for recording in recordings
+    ]
+    execute_plans(client, plans, description="decode", progress=progress)
+    write_dataset_description(out, recordings[0].root)
+    return [plan.store.location for plan in plans]
+
+
+def open_frames(location: Location) -> xr.Dataset:
+    """Open a complete frames store lazily (``frames`` with ``time`` and ``frame`` coordinates)."""
+    return open_dataset(location, stage=STAGE.name)
+
+
+def _template(
+    times: np.ndarray, width: int, height: int, chunk: int, level: int, attrs: dict
+) -> tuple[xr.Dataset, dict]:
+    n = len(times)
+    frames = dask.array.zeros((n, height, width, 3), dtype=np.uint8, chunks=(chunk, height, width, 3))
+    template = xr.Dataset(
+        {"frames": (("time", "y", "x", "rgb"), frames)},
+        coords={"time": ("time", times), "frame": ("time", np.arange(n, dtype=np.int64))},
+        attrs=attrs,
+    )
+    template["time"].attrs["units"] = "s"
+    encoding = {
+        "frames": {"chunks": (chunk, height, width, 3), "compressors": [ZstdCodec(level=level)]},
+        "time": {"chunks": (chunk,)},
+        "frame": {"chunks": (chunk,)},
+    }
+    return template, encoding
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_positive(**values: int | None) -> None:
+    for name, value in values.items():
+        if value is not None and value < 1:
+            raise ParameterError(
+                f"{name} must be a positive number of {'pixels' if name == 'max_size' else 'frames'}, not {value}",
+                where=f"--{name.replace('_', '-')}",
+                fix=f"give a value of 1 or more, or leave --{name.replace('_', '-')} out for the default",
+            )
