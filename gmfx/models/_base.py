@@ -151,6 +151,10 @@ class Backend(ABC):
     def reset(self) -> None:
         """Forget any state carried between frames (called at the start of every time segment)."""
 
-    def attrs(self) -> dict[str, Any]:
-        """Provenance recorded in the store (thresholds, library versions); JSON-serialisable."""
+    @classmethod
+    def attrs(cls, **options: Any) -> dict[str, Any]:
+        """Provenance for the store given the :meth:`load` options (thresholds, library versions).
+
+        JSON-serialisable, and computed without loading the model (it runs in the client process).
+        """
         return {}

@@ -117,13 +117,15 @@ class MediaPipeBackend(Backend):
             raise ValueError(f"MediaPipe's face mesh runs on the CPU only, not on {device!r}")
         return cls(**options)
 
-    def attrs(self) -> dict[str, Any]:
+    @classmethod
+    def attrs(cls, **options: Any) -> dict[str, Any]:
         import mediapipe
 
+        backend = cls(**options)  # checks the options; loads nothing
         return {
             "mediapipe_version": mediapipe.__version__,
-            "min_detection_confidence": self.min_detection_confidence,
-            "min_tracking_confidence": self.min_tracking_confidence,
+            "min_detection_confidence": backend.min_detection_confidence,
+            "min_tracking_confidence": backend.min_tracking_confidence,
             "refine_landmarks": True,
             "score": "face detector score of the detection that started the track",
             "pose_fit": "weighted similarity Procrustes of the canonical model on 33 landmarks, pixel space",

@@ -1,18 +1,18 @@
 """A real face with known head motion: ``skimage.data.astronaut()`` turned and shifted frame by frame.
 
 The photo (public domain, shipped inside scikit-image) is warped by a known similarity per frame, so a
-reconstruction's pose can be checked against the motion that made the video. Angles are in pixel
+reconstruction's pose can be checked against the motion that made the video (encode the frames with
+``gmfx.testing._videos.write_video(path, frames=motion.frames)``). Angles are in pixel
 coordinates (x right, y down): a positive angle turns +x toward +y, i.e. clockwise on screen.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["FaceMotion", "astronaut_motion", "write_video"]
+__all__ = ["FACE_CENTRE", "FaceMotion", "astronaut_motion"]
 
 #: the astronaut's face centre (x, y) in the 512 x 512 photo: the centre of the applied rotations
 FACE_CENTRE = (224.0, 125.0)
@@ -57,18 +57,3 @@ def astronaut_motion(n_frames: int, *, max_angle: float = 20.0, max_shift: float
         frames[i] = np.round(warp(image, motion.inverse, order=1, preserve_range=True)).astype(np.uint8)
     return FaceMotion(frames=frames, angles=angles, shifts=shifts)
 
-
-def write_video(path: str | os.PathLike, frames: np.ndarray, *, fps: int = 30, crf: int = 16) -> None:
-    """Encode ``frames`` (``(n, height, width, 3)`` uint8 RGB, even sizes) as an H.264 MP4 with PyAV."""
-    import av
-
-    with av.open(os.fspath(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": str(crf)}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)

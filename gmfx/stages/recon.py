@@ -1,0 +1,436 @@
+"""Reconstruction: frames store -> per-frame face meshes, one Dask task per time segment.
+
+Each task reads its segment of frames from the frames store (local or object storage), runs the
+backend loaded once per worker process, tracks faces within the segment and writes its own region of
+the recon store. Tasks of GPU models carry ``resources={"GPU": 1}`` so only GPU workers run them. With
+more than one face, segments are tracked independently and then given one shared face index
+(:func:`gmfx.models._tracking.stitch_segments`) before the store is marked complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+import zarr
+from distributed import Client
+
+from gmfx._errors import ModelError, ParameterError, StorageError
+from gmfx._execute import StorePlan, run_tasks
+from gmfx._version import __version__
+from gmfx.cluster import gpu_workers, require_resource
+from gmfx.dataset import Recording
+from gmfx.models import Backend, Face, get_backend, load_backend
+from gmfx.models._tracking import stitch_segments, track_faces
+from gmfx.storage import Location, RegionStore, open_dataset, store_location
+from gmfx.types import Region, Stage, Task, split_regions
+
+__all__ = ["STAGE", "LowDetectionWarning", "pack_faces", "plan_recon", "recon", "resolve_device", "segment_ends"]
+
+STAGE = Stage(name="recon", reads=("frames",), writes=("recon",), requires_gpu=False)
+
+#: frames per task (rounded to whole frames-store chunks): long enough that restarting the face
+#: tracker at a segment start costs little, short enough to spread a video over the workers
+SEGMENT_FRAMES = 450
+#: below this fraction of frames with a face, recon warns
+LOW_DETECTION_FRACTION = 0.5
+_FRAMES_VARIABLES = {"frames": ("time", "y", "x", "rgb"), "time": ("time",), "frame": ("time",)}
+_GPU_FIX = (
+    "start workers that offer a GPU: `dask worker SCHEDULER_ADDRESS --resources GPU=1` (one per GPU), "
+    "or `gmfx recon --gpus N` for a local cluster; or run on the CPU with --device cpu"
+)
+
+
+class LowDetectionWarning(UserWarning):
+    """A face was found in few frames of a recording."""
+
+
+def resolve_device(backend: type[Backend], device: str, client: Client | None = None) -> str:
+    """The concrete device (``cpu``/``cuda``/``cuda:N``) for ``device`` (``auto`` picks cuda when a GPU
+    worker exists and the backend runs on it); never touches CUDA in this process."""
+    if device != "auto" and device != "cpu" and not device.startswith("cuda"):
+        raise ParameterError(
+            f"unknown device {device!r}", where="--device", fix="use auto, cpu, cuda or cuda:N"
+        )
+    if device == "auto":
+        has_gpu = backend.requires_gpu or bool(client is not None and gpu_workers(client))
+        device = "cuda" if has_gpu and "cuda" in backend.devices else "cpu"
+    if backend.requires_gpu and device == "cpu":
+        raise ModelError(
+            f"the model {backend.name!r} needs a GPU and cannot run with --device cpu",
+            where="--device",
+            fix="use --device cuda (or auto) on a cluster with GPU workers, or choose a CPU model",
+        )
+    if device.split(":")[0] not in backend.devices:
+        raise ModelError(
+            f"the model {backend.name!r} runs on {', '.join(backend.devices)} only, not on {device}",
+            where="--device",
+            fix=f"use --device {backend.devices[0]} (or auto)",
+        )
+    return device
+
+
+def plan_recon(
+    recording: Recording,
+    out: Location,
+    *,
+    model: str | type[Backend] = "mediapipe",
+    device: str = "auto",
+    batch_size: int | None = None,
+    max_faces: int = 1,
+    overwrite: bool = False,
+    segment_frames: int = SEGMENT_FRAMES,
+    model_options: Mapping[str, Any] | None = None,
+    client: Client | None = None,
+) -> StorePlan:
+    """Write the recon store's template for ``recording`` and plan a task per unfinished segment.
+
+    The frames store must be complete. ``device="auto"`` is resolved with ``client``'s workers when
+    given (cpu otherwise).
+    """
+    backend = get_backend(model)
+    device = resolve_device(backend, device, client)
+    if max_faces < 1:
+        raise ParameterError(f"max_faces must be at least 1, not {max_faces}", where="--max-faces", fix="use 1 or more")
+    batch = batch_size or backend.batch_size
+    if batch < 1:
+        raise ParameterError(f"batch_size must be at least 1, not {batch}", where="--batch-size", fix="use 1 or more")
+    options = dict(model_options or {})
+    frames_location = store_location(out, recording, "decode")
+    frames = _open_frames(frames_location)
+    n_frames = frames.sizes["time"]
+    chunk = int(frames["frames"].encoding["chunks"][0])
+    region_frames = chunk * max(1, round(segment_frames / chunk))
+    regions = split_regions(n_frames, region_frames)
+    topology = backend.topology()
+    plan = {
+        "regions": len(regions),
+        "region_frames": region_frames,
+        "frames_store": frames_location.url,
+        "frames_plan": frames.attrs.get("gmfx_plan"),
+        "model": backend.name,
+        "model_version": backend.version,
+        "model_options": options,
+        "device": device,
+        "max_faces": max_faces,
+    }
+    store = RegionStore(store_location(out, recording, "recon"), STAGE.name)
+    template = recon_template(backend, frames, max_faces=max_faces, region_frames=region_frames)
+    done = store.prepare(template, plan=plan, overwrite=overwrite)
+    token = hashlib.sha1(f"{store.location.url}|{json.dumps(plan, sort_keys=True, default=str)}".encode()).hexdigest()[:16]
+    resources = {"GPU": 1} if device.startswith("cuda") else None
+    tasks = [
+        Task(
+            key=f"recon-{token}-{region.index:06d}",
+            function=reconstruct_region,
+            args=(backend, device, options, frames_location, store.location, region, max_faces, batch),
+            resources=resources,
+            weight=len(region),
+        )
+        for region in regions
+        if region.index not in done
+    ]
+    attrs = {
+        "model": backend.name,
+        "model_version": backend.version,
+        "device": device,
+        "max_faces": max_faces,
+        "topology": topology.name,
+        "gmfx_version": __version__,
+        "frames_store": frames_location.url,
+        **backend.attrs(**options),
+    }
+    return StorePlan(store=store, tasks=tasks, regions=len(regions), attrs=attrs, label=recording.name)
+
+
+def recon(
+    recordings: Sequence[Recording],
+    out: Location,
+    *,
+    client: Client,
+    model: str | type[Backend] = "mediapipe",
+    device: str = "auto",
+    batch_size: int | None = None,
+    max_faces: int = 1,
+    overwrite: bool = False,
+    progress: bool = True,
+    segment_frames: int = SEGMENT_FRAMES,
+    model_options: Mapping[str, Any] | None = None,
+) -> list[Location]:
+    """Reconstruct every recording's faces on the cluster; return the recon stores' locations.
+
+    Recordings without a complete frames store are decoded first. GPU models (or ``device="cuda"``)
+    run only on workers offering the ``GPU`` resource, and fail at once when there is none.
+    """
+    backend = get_backend(model)
+    device = resolve_device(backend, device, client)
+    if device.startswith("cuda"):
+        require_resource(client, "GPU", fix=_GPU_FIX)
+    undecoded = [r for r in recordings if not RegionStore(store_location(out, r, "decode"), "decode").is_complete()]
+    if undecoded:
+        from gmfx.stages.decode import decode
+
+        decode(undecoded, out, client=client, progress=progress)
+    plans = [
+        plan_recon(
+            recording,
+            out,
+            model=backend,
+            device=device,
+            batch_size=batch_size,
+            max_faces=max_faces,
+            overwrite=overwrite,
+            segment_frames=segment_frames,
+            model_options=model_options,
+            client=client,
+        )
+        for recording in recordings
+    ]
+    run_tasks(client, [task for plan in plans for task in plan.tasks], description="recon", progress=progress)
+    for plan in plans:
+        if max_faces > 1:
+            stitch_store(plan.store, max_faces)
+        plan.store.finalize(plan.attrs)
+        _warn_if_few_faces(plan.store)
+    return [plan.store.location for plan in plans]
+
+
+def recon_template(backend: type[Backend], frames: xr.Dataset, *, max_faces: int, region_frames: int) -> xr.Dataset:
+    """The recon store's layout: lazy NaN arrays along time, the topology and coordinates in full."""
+    n = frames.sizes["time"]
+    topology = backend.topology()
+    n_vertices = topology.n_vertices
+
+    def lazy(shape: tuple[int, ...], dtype: str, fill) -> da.Array:
+        return da.full((n, *shape), fill, dtype=dtype, chunks=(region_frames, *shape))
+
+    data = {
+        "v": (("time", "face", "vertex", "coord"), lazy((max_faces, n_vertices, 3), "float32", np.nan),
+              {"space": "world", "units": backend.units}),
+        "mat": (("time", "face", "row", "col"), lazy((max_faces, 4, 4), "float32", np.nan),
+                {"description": "local (template) -> world affine"}),
+        "detected": (("time", "face"), lazy((max_faces,), "bool", False)),
+        "score": (("time", "face"), lazy((max_faces,), "float32", np.nan)),
+        "tris": (("triangle", "corner"), np.asarray(topology.triangles, dtype=np.int32)),
+        "template": (("vertex", "coord"), np.asarray(topology.template, dtype=np.float32), {"units": topology.units}),
+        "rigid": (("vertex",), np.asarray(topology.rigid, dtype=bool)),
+    }
+    for name, size in backend.outputs.codes.items():
+        data[f"code_{name}"] = (("time", "face", f"{name}_param"), lazy((max_faces, size), "float32", np.nan))
+    if backend.outputs.n_landmarks:
+        data["landmarks"] = (
+            ("time", "face", "landmark", "coord"),
+            lazy((max_faces, backend.outputs.n_landmarks, 3), "float32", np.nan),
+            {"space": "world", "units": backend.units},
+        )
+    if topology.rigid_weight is not None:
+        data["rigid_weight"] = (("vertex",), np.asarray(topology.rigid_weight, dtype=np.float32))
+    coords = {
+        "time": ("time", frames["time"].values, frames["time"].attrs),
+        "frame": ("time", frames["frame"].values),
+        "face": ("face", np.arange(max_faces)),
+        "coord": ("coord", np.array(["x", "y", "z"], dtype=object)),  # variable-length strings (zarr v3 spec)
+    }
+    return xr.Dataset(data, coords=coords)
+
+
+def reconstruct_region(
+    backend: type[Backend],
+    device: str,
+    options: Mapping[str, Any],
+    frames_location: Location,
+    store_location_: Location,
+    region: Region,
+    max_faces: int,
+    batch_size: int,
+) -> int:
+    """Task body: reconstruct ``region`` of the frames and write it; return the frames with a face."""
+    model = load_backend(backend, device, dict(options))
+    if device == "cpu" and "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)  # one core per worker process on CPU
+    frames = _frames_array(frames_location)
+    model.reset()
+    faces: list[list[Face]] = []
+    for start in range(region.start, region.stop, batch_size):
+        batch = frames[start : min(start + batch_size, region.stop)]
+        found = model.reconstruct(batch, max_faces=max_faces)
+        if len(found) != len(batch):
+            raise ModelError(
+                f"the model {backend.name!r} returned {len(found)} results for {len(batch)} frames",
+                where=f"frames {start}-{start + len(batch) - 1} of {frames_location.url}",
+                fix="fix the backend's reconstruct: one list of faces per frame",
+            )
+        faces.extend(found)
+    arrays = pack_faces(faces, backend, max_faces=max_faces, first_frame=region.start)
+    RegionStore(store_location_, STAGE.name).write_region(region.index, region.slice, arrays)
+    return int(arrays["detected"].any(axis=1).sum())
+
+
+def pack_faces(faces: Sequence[Sequence[Face]], backend: type[Backend], *, max_faces: int, first_frame: int = 0) -> dict[str, np.ndarray]:
+    """Arrays ``(time, face, ...)`` of the recon store from per-frame faces, tracked to stable slots.
+
+    Frames without a face are NaN rows with ``detected=False``. A face that breaks the backend's
+    declared contract (shapes, codes, landmarks, too many faces) raises :class:`ModelError` naming the
+    frame (``first_frame`` + its position).
+    """
+    n, n_vertices = len(faces), backend.topology().n_vertices
+    codes, n_landmarks = dict(backend.outputs.codes), backend.outputs.n_landmarks
+    arrays = {
+        "v": np.full((n, max_faces, n_vertices, 3), np.nan, np.float32),
+        "mat": np.full((n, max_faces, 4, 4), np.nan, np.float32),
+        "detected": np.zeros((n, max_faces), bool),
+        "score": np.full((n, max_faces), np.nan, np.float32),
+        **{f"code_{name}": np.full((n, max_faces, size), np.nan, np.float32) for name, size in codes.items()},
+    }
+    if n_landmarks:
+        arrays["landmarks"] = np.full((n, max_faces, n_landmarks, 3), np.nan, np.float32)
+    for i, frame_faces in enumerate(faces):
+        _check_faces(frame_faces, backend, max_faces, n_vertices, first_frame + i)
+    centroids = [np.array([f.vertices[:, :2].mean(axis=0) for f in ff]).reshape(-1, 2) for ff in faces]
+    sizes = [np.array([np.ptp(f.vertices[:, :2], axis=0).max() for f in ff]) for ff in faces]
+    for i, slots in enumerate(track_faces(centroids, sizes, max_faces)):
+        for face, slot in zip(faces[i], slots):
+            arrays["v"][i, slot] = face.vertices
+            arrays["mat"][i, slot] = face.mat
+            arrays["detected"][i, slot] = True
+            arrays["score"][i, slot] = face.score
+            for name in codes:
+                arrays[f"code_{name}"][i, slot] = face.codes[name]
+            if n_landmarks:
+                arrays["landmarks"][i, slot] = face.landmarks
+    return arrays
+
+
+def _check_faces(faces: Sequence[Face], backend: type[Backend], max_faces: int, n_vertices: int, frame: int) -> None:
+    def broken(what: str) -> ModelError:
+        return ModelError(
+            f"the model {backend.name!r} broke its contract: {what}",
+            where=f"frame {frame}",
+            fix="fix the backend (gmfx.testing.check_backend checks it against the contract)",
+        )
+
+    if len(faces) > max_faces:
+        raise broken(f"{len(faces)} faces returned with max_faces={max_faces}")
+    for face in faces:
+        if np.shape(face.vertices) != (n_vertices, 3):
+            raise broken(f"vertices of shape {np.shape(face.vertices)}, expected ({n_vertices}, 3)")
+        if np.shape(face.mat) != (4, 4):
+            raise broken(f"mat of shape {np.shape(face.mat)}, expected (4, 4)")
+        if not np.isfinite(face.vertices).all():
+            raise broken("non-finite vertices for a detected face")
+        if set(face.codes) != set(backend.outputs.codes):
+            raise broken(f"codes {sorted(face.codes)}, declared {sorted(backend.outputs.codes)}")
+        for name, size in backend.outputs.codes.items():
+            if np.shape(face.codes[name]) != (size,):
+                raise broken(f"code {name!r} of shape {np.shape(face.codes[name])}, declared ({size},)")
+        n_landmarks = backend.outputs.n_landmarks
+        if n_landmarks and np.shape(face.landmarks) != (n_landmarks, 3):
+            raise broken(f"landmarks of shape {np.shape(face.landmarks)}, declared ({n_landmarks}, 3)")
+
+
+def stitch_store(store: RegionStore, max_faces: int) -> None:
+    """Give the independently tracked segments of a finished store one shared face index.
+
+    The permutation of each segment is derived from the store's own contents, so running this again
+    leaves a stitched store as it is.
+    """
+    ds = store.open(require_complete=False)
+    plan = json.loads(ds.attrs["gmfx_plan"])
+    regions = split_regions(ds.sizes["time"], plan["region_frames"])
+    xy = ds["v"].isel(coord=[0, 1])
+    centroid = xy.mean("vertex").values
+    size = (xy.max("vertex") - xy.min("vertex")).max("coord").values
+    first, last, sizes = segment_ends(ds["detected"].values, centroid, size, regions)
+    face_variables = [name for name, var in ds.data_vars.items() if "face" in var.dims and "time" in var.dims]
+    for region, perm in zip(regions, stitch_segments(first, last, sizes)):
+        if (perm == np.arange(max_faces)).all():
+            continue
+        order = np.argsort(perm)  # new slot g takes old slot order[g]
+        values = {name: ds[name].isel(time=region.slice).values[:, order] for name in face_variables}
+        store.write_region(region.index, region.slice, values)
+
+
+def segment_ends(
+    detected: np.ndarray, centroid: np.ndarray, size: np.ndarray, regions: Sequence[Region]
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Per region and face slot: centroid where it was first and last seen, and its largest size.
+
+    ``detected`` is ``(time, face)``, ``centroid`` ``(time, face, d)``, ``size`` ``(time, face)``;
+    slots never seen in a region get NaN.
+    """
+    first, last, sizes = [], [], []
+    for region in regions:
+        seen = detected[region.slice]
+        slots = np.arange(seen.shape[1])
+        present = seen.any(axis=0)
+        first_row = np.argmax(seen, axis=0)
+        last_row = len(region) - 1 - np.argmax(seen[::-1], axis=0)
+        first.append(np.where(present[:, None], centroid[region.start + first_row, slots], np.nan))
+        last.append(np.where(present[:, None], centroid[region.start + last_row, slots], np.nan))
+        largest = np.where(seen, size[region.slice], -np.inf).max(axis=0)
+        sizes.append(np.where(present, largest, np.nan))
+    return first, last, sizes
+
+
+def _warn_if_few_faces(store: RegionStore) -> None:
+    detected = store.open()["detected"].any("face").values
+    fraction = float(detected.mean()) if detected.size else 0.0
+    if fraction < LOW_DETECTION_FRACTION:
+        warnings.warn(
+            f"a face was found in {fraction:.1%} of the {detected.size} frames (their vertices are NaN, "
+            f"detected=False); where: {store.location.url}; how to fix: check that the video shows a face, "
+            "or lower the model's detection threshold (e.g. min_detection_confidence)",
+            LowDetectionWarning,
+            stacklevel=3,
+        )
+
+
+def _open_frames(location: Location) -> xr.Dataset:
+    """The complete frames store at ``location``, checked for the variables and version recon needs."""
+    frames = open_dataset(location, stage="decode")
+    problems = [
+        f"{name} (missing)" if name not in frames.variables else f"{name} (dims {frames[name].dims}, expected {dims})"
+        for name, dims in _FRAMES_VARIABLES.items()
+        if name not in frames.variables or frames[name].dims != dims
+    ]
+    if not problems and frames["frames"].dtype != np.uint8:
+        problems.append(f"frames (dtype {frames['frames'].dtype}, expected uint8)")
+    if problems:
+        raise StorageError(
+            f"the frames store lacks what recon needs: {', '.join(problems)}",
+            where=location.url,
+            fix="rewrite it with this gmfx: gmfx decode --overwrite",
+        )
+    version = frames.attrs.get("gmfx_version")
+    if version is not None and not _compatible(str(version), __version__):
+        raise StorageError(
+            f"the frames store was written by gmfx {version}, incompatible with this gmfx {__version__}",
+            where=location.url,
+            fix="rewrite it with this gmfx: gmfx decode --overwrite",
+        )
+    return frames
+
+
+def _compatible(written: str, running: str) -> bool:
+    """Stores are compatible within a major version (within a minor version before 1.0)."""
+    a, b = written.split(".")[:2], running.split(".")[:2]
+    return a[0] == b[0] and (a[0] != "0" or a[1:2] == b[1:2])
+
+
+def _frames_array(location: Location) -> zarr.Array:
+    kwargs = {} if location.is_local else {"storage_options": dict(location.storage_options)}
+    try:
+        return zarr.open_group(location.url, mode="r", zarr_format=3, **kwargs)["frames"]
+    except Exception as error:  # noqa: BLE001
+        raise StorageError(
+            f"the frames store cannot be read on the worker ({type(error).__name__})",
+            where=location.url,
+            fix="check that the workers reach the storage (same URL, credentials, mounts)",
+        ) from error
