@@ -230,27 +230,24 @@ def iter_segment(
     buffer = np.empty((min(batch, stop - start), height, width, 3), np.uint8)
     filled = 0
     with contextlib.ExitStack() as stack:
-        try:
+        frames = stack.enter_context(_decoded_from(location, index, start, target, threads))
+        first = next(frames, None)
+        if target is not None and (first is None or first.pts != index.pts[start]):
+            target = None  # the seek overshot the segment: decode from the beginning instead
             frames = stack.enter_context(_decoded_from(location, index, start, target, threads))
             first = next(frames, None)
-            if target is not None and (first is None or first.pts != index.pts[start]):
-                target = None  # the seek overshot the segment: decode from the beginning instead
-                frames = stack.enter_context(_decoded_from(location, index, start, target, threads))
-                first = next(frames, None)
-            for frame in itertools.chain([first] if first is not None else [], frames):
-                if frame.pts != index.pts[position]:
-                    raise _pts_error(location, index, position, frame.pts, target)
-                buffer[filled] = frame.to_ndarray(format="rgb24", **resize)
-                filled += 1
-                position += 1
-                if filled == len(buffer):
-                    yield buffer
-                    if position == stop:
-                        return
-                    buffer = np.empty((min(batch, stop - position), height, width, 3), np.uint8)
-                    filled = 0
-        except av.error.FFmpegError as error:
-            raise _decode_error(location, index, position, error) from error
+        for frame in itertools.chain([first] if first is not None else [], frames):
+            if frame.pts != index.pts[position]:
+                raise _pts_error(location, index, position, frame.pts, target)
+            buffer[filled] = frame.to_ndarray(format="rgb24", **resize)
+            filled += 1
+            position += 1
+            if filled == len(buffer):
+                yield buffer
+                if position == stop:
+                    return
+                buffer = np.empty((min(batch, stop - position), height, width, 3), np.uint8)
+                filled = 0
     raise VideoError(
         f"the video ends before frame {position} (t={index.times[position]:.6f} s); "
         f"{index.n_frames} frames were expected",
@@ -264,19 +261,39 @@ def _decoded_from(
     location: Location, index: VideoIndex, start: int, target: int | None, threads: int
 ) -> Iterator[Iterator[av.VideoFrame]]:
     """Decoded frames from ``target`` on (the beginning when ``None``), skipping those before frame ``start``."""
-    first_pts = int(index.pts[start])
     with _open_container(location) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = threads
         if target is not None:
             container.seek(target, backward=True, any_frame=False, stream=stream)
-        yield (f for f in container.decode(stream) if f.pts is not None and f.pts >= first_pts)
+        yield _decode_packets(location, index, container, stream, int(index.pts[start]))
 
 
-def _decode_error(location: Location, index: VideoIndex, position: int, error: Exception) -> VideoError:
+def _decode_packets(
+    location: Location, index: VideoIndex, container, stream, first_pts: int
+) -> Iterator[av.VideoFrame]:
+    """Decode packet by packet, so that a decoding failure names the frame whose packet is broken."""
+    packet = None
+    try:
+        for packet in container.demux(stream):
+            for frame in packet.decode():
+                if frame.pts is not None and frame.pts >= first_pts:
+                    yield frame
+    except av.error.FFmpegError as error:
+        raise _decode_error(location, index, packet, error) from error
+
+
+def _decode_error(location: Location, index: VideoIndex, packet, error: Exception) -> VideoError:
+    if packet is None or packet.pts is None:
+        place = "its first packet" if packet is None else "a packet without timestamp"
+    else:
+        i = int(np.searchsorted(index.pts, packet.pts))
+        exact = i < index.n_frames and index.pts[i] == packet.pts
+        place = f"frame {i} (t={index.times[i]:.6f} s)" if exact else f"the packet with pts {packet.pts}"
     return VideoError(
-        f"frame {position} (t={index.times[position]:.6f} s) cannot be decoded ({error})",
+        # threaded decoders report a broken packet a few packets late, hence "near"
+        f"the video cannot be decoded near {place} ({error})",
         where=location.url,
         fix="the file is corrupted there: copy it again, or " + _REENCODE,
     )

@@ -11,10 +11,10 @@ as 97x75 pass ``pix_fmt="yuv444p"`` (libx264's High 4:4:4 profile), or use ``cod
 
 from __future__ import annotations
 
-import io
 import os
 import pathlib
 import posixpath
+import tempfile
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
 
@@ -81,6 +81,7 @@ def write_video(
     bframes: int | None = None,
     crf: int | None = 18,
     frames: Sequence[np.ndarray] | None = None,
+    faststart: bool = False,
 ) -> Location:
     """Encode a real video file whose frames show their index (see :func:`frame_pattern`).
 
@@ -100,6 +101,9 @@ def write_video(
         libx264 quality (lower is better); ignored by other encoders.
     frames
         RGB images to encode instead of the numbered pattern (their number sets ``n_frames``).
+    faststart
+        Put an mp4's index (``moov``) before the frame data, as streaming files do: cutting such a
+        file short leaves it readable up to the cut, which tests of truncated files need.
     """
     location = target if isinstance(target, Location) else Location(os.fspath(target))
     extension = posixpath.splitext(location.url)[1].lower()
@@ -120,23 +124,25 @@ def write_video(
         options["x264-params"] = "scenecut=0"  # keyframes exactly every `keyint` frames
         if crf is not None:
             options["crf"] = str(crf)
-    buffer = io.BytesIO()
-    with av.open(buffer, mode="w", format=_FORMATS[extension]) as container:
-        stream = container.add_stream(codec, rate=fps, options=options)
-        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
-        stream.codec_context.time_base = clock
-        for i in range(n_frames):
-            image = frames[i] if frames is not None else frame_pattern(i, height, width)
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
-            frame.time_base = clock
-            frame.pts = round(times[i] / clock) if times is not None else i
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    fs, path = location.filesystem()
-    parent = posixpath.dirname(path)
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    fs.pipe_file(path, buffer.getvalue())
+    with tempfile.TemporaryDirectory(prefix="gmfx-video-") as folder:
+        encoded = os.path.join(folder, f"video{extension}")  # a real file: faststart rewrites it
+        muxer_options = {"movflags": "faststart"} if faststart else {}
+        with av.open(encoded, mode="w", format=_FORMATS[extension], options=muxer_options) as container:
+            stream = container.add_stream(codec, rate=fps, options=options)
+            stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+            stream.codec_context.time_base = clock
+            for i in range(n_frames):
+                image = frames[i] if frames is not None else frame_pattern(i, height, width)
+                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
+                frame.time_base = clock
+                frame.pts = round(times[i] / clock) if times is not None else i
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))
+        fs, path = location.filesystem()
+        parent = posixpath.dirname(path)
+        if parent:
+            fs.makedirs(parent, exist_ok=True)
+        fs.put_file(encoded, path)
     return location
 
 
