@@ -122,12 +122,13 @@ def resample(
 def resample_affines(
     source_times: np.ndarray, matrices: np.ndarray, new_times: np.ndarray, *, max_gap: float
 ) -> np.ndarray:
-    """Resample ``(time, group, 4, 4)`` affines: rotation by slerp, the rest (translation, stretch) linearly.
+    """Resample ``(time, group, 4, 4)`` (or ``(time, group, 16)``) affines: rotation by slerp, the rest (translation, stretch) linearly.
 
     Each linear part is split by polar decomposition ``A = R @ P`` (``R`` a rotation, ``P`` symmetric);
     ``R`` follows the shortest arc, ``P`` and the translation are interpolated element-wise.
     """
     matrices = np.asarray(matrices, dtype=np.float64)
+    matrices = matrices.reshape(matrices.shape[:2] + (4, 4))
     out = np.full((len(new_times),) + matrices.shape[1:], np.nan)
     for group in range(matrices.shape[1]):
         series = matrices[:, group]

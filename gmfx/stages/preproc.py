@@ -1,0 +1,326 @@
+"""Preprocessing stages: recon store -> preproc store (align, interpolate, filter), preproc -> epochs store.
+
+Layout (per recording, below the output root ``out``)::
+
+    <name>_recon.zarr               read
+    <name>_preproc.zarr             the result of the chain (align -> interpolate -> filter, the steps
+                                    switched on); ``attrs["gmfx_history"]`` lists each step and its parameters
+    <name>_preproc-unfiltered.zarr  scratch, only while a chain with a filter runs (removed at the end)
+    <name>_epochs.zarr              epochs of the preproc store around the events of ``<name>_events.tsv``
+
+Each single step (``gmfx align``, ``gmfx interpolate``, ``gmfx filter``) is the chain with the other
+steps switched off, reading the recon store and writing the preproc store.
+
+Writing. A lazy result chunked along its first dimension is written as a template plus one region per
+chunk (a task each, on the Dask client when one is given). A filter needs each vertex's whole time
+series, so a chain with a filter first writes its unfiltered part to a scratch store whose ``v`` is
+chunked along vertices as well; the filter then reads one block of vertices over the whole time axis
+(a plain concatenation of chunks, bounded memory) and writes that block into the final store, which
+holds the same chunking. Every region or block leaves a marker, so an interrupted run resumes, and
+the store is marked complete only when every marker is in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import cloudpickle
+import dask
+import dask.array as da
+import xarray as xr
+import zarr
+from distributed import Client
+
+from gmfx import preproc as ops
+from gmfx._errors import EventsError
+from gmfx._execute import StorePlan, execute_plans, progress_bar
+from gmfx.dataset import Recording
+from gmfx.storage import Location, RegionStore, open_dataset, store_location
+from gmfx.types import Stage, Task
+
+__all__ = ["STAGE", "EPOCH_STAGE", "preproc", "epochs", "run_chain", "write_lazy", "chain"]
+
+STAGE = Stage(name="preproc", reads=("recon",), writes=("preproc",))
+EPOCH_STAGE = Stage(name="epoch", reads=("preproc",), writes=("epoch",))
+
+#: float32 bytes of ``v`` per vertex block of a filtered store (the filter holds ~3x that in float64)
+_BLOCK_BYTES = 24 * 2**20
+#: epochs per region of an epochs store
+_EPOCHS_PER_REGION = 16
+
+Options = bool | Mapping[str, Any] | None
+
+
+def _options(value: Options) -> dict[str, Any] | None:
+    if value is None or value is False:
+        return None
+    return {} if value is True else dict(value)
+
+
+def chain(ds: xr.Dataset, *, align: Options = True, interpolate: Options = True, filter: Options = True) -> xr.Dataset:  # noqa: A002
+    """The lazy chain align -> interpolate -> filter with the steps given (``True`` = defaults, a dict = options)."""
+    for step, value in (("align", align), ("interpolate", interpolate), ("filter", filter)):
+        options = _options(value)
+        if options is not None:
+            ds = getattr(ops, step)(ds, **options)
+    return ds
+
+
+# -- writing lazy results --------------------------------------------------------------------------
+def _token(plan: Mapping[str, Any]) -> str:
+    return hashlib.sha1(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _leading(ds: xr.Dataset) -> tuple[str, list[str]]:
+    lead = ds["v"].dims[0]
+    return lead, [name for name in ds.data_vars if ds[name].dims[:1] == (lead,)]
+
+
+def _template(ds: xr.Dataset, chunk: int, vertex_chunk: int | None) -> xr.Dataset:
+    """Every leading-dim variable as lazy zeros chunked by ``chunk`` (and ``vertex_chunk``); the rest computed."""
+    lead, timed = _leading(ds)
+    template = ds.copy()
+    for name in template.variables:
+        template[name].encoding = {}
+    for name in timed:
+        array = ds[name]
+        chunks = {0: chunk, **({array.dims.index("vertex"): vertex_chunk} if vertex_chunk and "vertex" in array.dims else {})}
+        chunks = tuple(chunks.get(axis, -1) for axis in range(array.ndim))
+        template[name] = (array.dims, da.zeros(array.shape, dtype=array.dtype, chunks=chunks), array.attrs)
+    computed = {name: template[name].compute() for name in template.variables if name not in timed}
+    return template.assign(**{n: c for n, c in computed.items() if n in template.data_vars}).assign_coords(
+        **{n: c for n, c in computed.items() if n in template.coords}
+    )
+
+
+def _write_region(location: Location, stage: str, index: int, start: int, stop: int, graph: bytes) -> int:
+    """Compute the pickled arrays of one region and write them (a task)."""
+    arrays = cloudpickle.loads(graph)
+    with dask.config.set(scheduler="sync"):
+        values = dict(zip(arrays, dask.compute(*arrays.values()), strict=True))
+    RegionStore(location, stage).write_region(index, slice(start, stop), values)
+    return stop - start
+
+
+def _write_vertex_block(location: Location, stage: str, index: int, start: int, stop: int, graph: bytes) -> int:
+    """Compute ``v`` for vertices ``start:stop`` over the whole time axis and write it (a task)."""
+    (values,) = dask.compute(cloudpickle.loads(graph), scheduler="sync")
+    store = RegionStore(location, stage)
+    group = zarr.open_group(location.url, mode="r+", zarr_format=3, **_zarr_options(location))
+    group["v"][:, :, start:stop, :] = values
+    store.write_region(index, slice(0, 0), {})  # no array: records the block as done
+    return stop - start
+
+
+def _zarr_options(location: Location) -> dict[str, Any]:
+    return {} if location.is_local else {"storage_options": dict(location.storage_options)}
+
+
+def _pickled(arrays: Mapping[str, da.Array] | da.Array) -> bytes:
+    return cloudpickle.dumps(dask.optimize(arrays)[0])
+
+
+def plan_lazy(
+    ds: xr.Dataset, location: Location, *, stage: str, source: str, overwrite: bool = False,
+    chunk: int | None = None, vertex_chunk: int | None = None, label: str = "",
+) -> StorePlan:  # fmt: skip
+    """Write the template of a lazy result and plan one task per chunk along its leading dimension."""
+    lead, timed = _leading(ds)
+    length = ds.sizes[lead]
+    chunk = int(chunk or ds["v"].chunks[0][0])
+    regions = [(i, a, min(a + chunk, length)) for i, a in enumerate(range(0, length, chunk))]
+    plan = {"regions": len(regions), "source": source, "history": ds.attrs.get("gmfx_history", []), "chunk": chunk,
+            "vertex_chunk": vertex_chunk}  # fmt: skip
+    store = RegionStore(location, stage)
+    done = store.prepare(_template(ds, chunk, vertex_chunk), plan=plan, overwrite=overwrite)
+    arrays = {name: ds[name].data.rechunk({0: chunk}) for name in timed}
+    token = _token({**plan, "url": location.url})
+    tasks = [
+        Task(
+            key=f"{stage}-region-{token}-{index:06d}",
+            function=_write_region,
+            args=(location, stage, index, a, b, _pickled({n: x[a:b] for n, x in arrays.items()})),
+            weight=b - a,
+        )
+        for index, a, b in regions
+        if index not in done
+    ]
+    return StorePlan(store=store, tasks=tasks, regions=len(regions), label=label or location.url)
+
+
+def _plan_filtered(
+    filtered: xr.Dataset, location: Location, *, source: str, overwrite: bool, chunk: int, vertex_chunk: int, label: str
+) -> StorePlan:
+    """Plan one task per vertex block of ``v`` (whole time axis) plus one for every other time variable."""
+    _, timed = _leading(filtered)
+    n_vertex = filtered.sizes["vertex"]
+    blocks = [(i, a, min(a + vertex_chunk, n_vertex)) for i, a in enumerate(range(0, n_vertex, vertex_chunk))]
+    plan = {"regions": len(blocks) + 1, "source": source, "history": filtered.attrs.get("gmfx_history", []),
+            "chunk": chunk, "vertex_chunk": vertex_chunk, "layout": "vertex-blocks"}  # fmt: skip
+    store = RegionStore(location, "preproc")
+    done = store.prepare(_template(filtered, chunk, vertex_chunk), plan=plan, overwrite=overwrite)
+    token = _token({**plan, "url": location.url})
+    v = filtered["v"].data
+    tasks = [
+        Task(
+            key=f"preproc-block-{token}-{index:06d}",
+            function=_write_vertex_block,
+            args=(location, "preproc", index, a, b, _pickled(v[:, :, a:b])),
+            weight=b - a,
+        )
+        for index, a, b in blocks
+        if index not in done
+    ]
+    others = {name: filtered[name].data for name in timed if name != "v"}
+    if len(blocks) not in done:
+        n_time = filtered.sizes["time"]
+        tasks.append(
+            Task(
+                key=f"preproc-rest-{token}",
+                function=_write_region,
+                args=(location, "preproc", len(blocks), 0, n_time, _pickled(others)),
+            )
+        )
+    return StorePlan(store=store, tasks=tasks, regions=len(blocks) + 1, label=label)
+
+
+def _run(plans: Sequence[StorePlan], client: Client | None, *, description: str, progress: bool) -> None:
+    """Run the plans' tasks on ``client`` (or here, one after another) and finalize each store."""
+    if client is not None:
+        execute_plans(client, plans, description=description, progress=progress)
+        return
+    tasks = [task for plan in plans for task in plan.tasks]
+    with progress_bar(enabled=progress) as bar:
+        handle = bar.add_task(description, total=sum(t.weight for t in tasks))
+        for task in tasks:
+            task.function(*task.args)
+            bar.advance(handle, task.weight)
+    for plan in plans:
+        plan.store.finalize(plan.attrs)
+
+
+def _finalize_attrs(ds: xr.Dataset, source: Location) -> dict[str, Any]:
+    return {"gmfx_history": ds.attrs.get("gmfx_history", []), "gmfx_source": source.url}
+
+
+def _scratch(location: Location) -> Location:
+    return Location(location.url.removesuffix(".zarr") + "-unfiltered.zarr", location.storage_options)
+
+
+def _vertex_chunk(ds: xr.Dataset) -> int:
+    n_time, n_face, _, n_coord = ds["v"].shape
+    return int(max(1, min(ds.sizes["vertex"], _BLOCK_BYTES // (4 * n_time * n_face * n_coord))))
+
+
+def run_chain(
+    sources: Sequence[Location],
+    targets: Sequence[Location],
+    *,
+    client: Client | None = None,
+    align: Options = True,
+    interpolate: Options = True,
+    filter: Options = True,  # noqa: A002
+    overwrite: bool = False,
+    progress: bool = True,
+    labels: Sequence[str] | None = None,
+) -> list[Location]:
+    """Run the chain on each recon store of ``sources`` and write each preproc store of ``targets``."""
+    labels = list(labels or [t.url for t in targets])
+    filter_options = _options(filter)
+    opened = [chain(open_dataset(s, stage="recon"), align=align, interpolate=interpolate, filter=False) for s in sources]
+    if filter_options is None:
+        plans = [
+            plan_lazy(ds, t, stage="preproc", source=s.url, overwrite=overwrite, label=name)
+            for ds, s, t, name in zip(opened, sources, targets, labels, strict=True)
+        ]
+        for plan, ds, s in zip(plans, opened, sources, strict=True):
+            plan.attrs = _finalize_attrs(ds, s)
+        _run(plans, client, description="preproc", progress=progress)
+        return list(targets)
+    # a filter needs whole time series: unfiltered scratch with vertex blocks, then one task per block
+    chunks = [int(ds["v"].chunks[0][0]) for ds in opened]
+    vertex_chunks = [_vertex_chunk(ds) for ds in opened]
+    scratch = [_scratch(t) for t in targets]
+    plans = []
+    for ds, s, where, name, chunk, vchunk in zip(opened, sources, scratch, labels, chunks, vertex_chunks, strict=True):
+        plans.append(plan_lazy(ds, where, stage="preproc", source=s.url, overwrite=overwrite, chunk=chunk,
+                               vertex_chunk=vchunk, label=name))  # fmt: skip
+    _run(plans, client, description="preproc (align, interpolate)", progress=progress)
+    plans = []
+    for s, where, t, name, chunk, vchunk in zip(sources, scratch, targets, labels, chunks, vertex_chunks, strict=True):
+        filtered = ops.filter(open_dataset(where, stage="preproc"), vertex_chunk=vchunk, **filter_options)
+        plan = _plan_filtered(filtered, t, source=s.url, overwrite=overwrite, chunk=chunk, vertex_chunk=vchunk, label=name)
+        plan.attrs = _finalize_attrs(filtered, s)
+        plans.append(plan)
+    _run(plans, client, description="preproc (filter)", progress=progress)
+    for where in scratch:
+        RegionStore(where, "preproc").delete()
+    return list(targets)
+
+
+def preproc(
+    recordings: Sequence[Recording],
+    out: Location,
+    *,
+    client: Client | None = None,
+    align: Options = True,
+    interpolate: Options = True,
+    filter: Options = True,  # noqa: A002
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[Location]:
+    """Align, interpolate and filter each recording's recon store into its preproc store.
+
+    ``align``, ``interpolate`` and ``filter`` take ``True`` (defaults), ``False``/``None`` (skip) or a
+    dict of options for :func:`gmfx.preproc.align` etc. Returns the preproc stores' locations.
+    """
+    return run_chain(
+        [store_location(out, r, "recon") for r in recordings],
+        [store_location(out, r, "preproc") for r in recordings],
+        client=client, align=align, interpolate=interpolate, filter=filter, overwrite=overwrite,
+        progress=progress, labels=[r.name for r in recordings],
+    )  # fmt: skip
+
+
+def epochs(
+    recordings: Sequence[Recording],
+    out: Location,
+    *,
+    client: Client | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    **options: Any,
+) -> list[Location]:
+    """Cut each recording's preproc store into epochs around its events (``options`` go to :func:`gmfx.preproc.epoch`)."""
+    plans = []
+    for recording in recordings:
+        if recording.events is None:
+            raise EventsError(
+                f"recording {recording.name} has no events file",
+                where=posixpath.dirname(recording.video.url),
+                fix=f"add {recording.name}_events.tsv (onset, duration, trial_type) next to the video",
+            )
+        source = store_location(out, recording, "preproc")
+        result = ops.epoch(open_dataset(source, stage="preproc"), recording.events, **options)
+        plan = plan_lazy(result, store_location(out, recording, "epoch"), stage="epoch", source=source.url,
+                         overwrite=overwrite, chunk=_EPOCHS_PER_REGION, label=recording.name)  # fmt: skip
+        plan.attrs = _finalize_attrs(result, source)
+        plans.append(plan)
+    _run(plans, client, description="epochs", progress=progress)
+    return [plan.store.location for plan in plans]
+
+
+def write_lazy(
+    ds: xr.Dataset, location: Location, *, stage: str, client: Client | None = None, overwrite: bool = False,
+    progress: bool = True,
+) -> Location:  # fmt: skip
+    """Write any lazy result of :mod:`gmfx.preproc` (chunked along its first dimension) as a finished store."""
+    plan = plan_lazy(ds, location, stage=stage, source=str(ds.attrs.get("gmfx_source", "")), overwrite=overwrite)
+    plan.attrs = {"gmfx_history": ds.attrs.get("gmfx_history", [])}
+    _run([plan], client, description=stage, progress=progress)
+    return location
+
