@@ -1,0 +1,165 @@
+"""Conformance kit for reconstruction backends: check any backend against gmfx's contract.
+
+::
+
+    from gmfx.testing import check_backend
+    check_backend(MyBackend, frames=some_face_frames)   # raises ModelError listing every problem
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from gmfx._errors import ModelError
+from gmfx.models import Backend, Outputs, Topology
+from gmfx.stages.recon import pack_faces
+
+__all__ = ["check_backend"]
+
+
+def check_backend(
+    backend: type[Backend] | Backend,
+    *,
+    frames: np.ndarray | None = None,
+    device: str = "cpu",
+    options: Mapping[str, Any] | None = None,
+    max_faces: int = 1,
+) -> None:
+    """Check ``backend`` (a class, loaded on ``device`` with ``options``, or a loaded instance).
+
+    Checks the declared capabilities, the topology's shapes and dtypes, that blank frames give no
+    face, and on ``frames`` (``(n, h, w, 3)`` uint8 showing faces) that every face matches what the
+    backend declares (vertices, pose, score in [0, 1], codes, landmarks), that the pose maps the
+    template onto the vertices, and that results after :meth:`Backend.reset` do not depend on how the
+    frames were split into batches (so retried and resumed tasks write the same bytes).
+
+    Raises
+    ------
+    ModelError
+        Listing every broken rule.
+    """
+    cls = backend if isinstance(backend, type) else type(backend)
+    problems = _class_problems(cls, options or {})
+    topology = cls.topology()
+    problems += _topology_problems(topology)
+    if problems:
+        _fail(cls, problems)
+    model = backend if not isinstance(backend, type) else cls.load(device, **dict(options or {}))
+    if not isinstance(model, cls):
+        _fail(cls, [f"load() returned {type(model).__name__}, not a {cls.__name__}"])
+
+    blank = np.zeros((2, 96, 128, 3), np.uint8)
+    model.reset()
+    found = model.reconstruct(blank, max_faces=max_faces)
+    if len(found) != len(blank) or any(len(faces) for faces in found):
+        problems.append(f"blank frames gave {[len(f) for f in found]} faces, expected none")
+    else:
+        packed = pack_faces(found, cls, max_faces=max_faces)
+        if packed["detected"].any() or not np.isnan(packed["v"]).all():
+            problems.append("frames without a face must pack to NaN rows with detected=False")
+
+    if frames is not None:
+        problems += _face_problems(model, cls, topology, np.asarray(frames), max_faces)
+    if problems:
+        _fail(cls, problems)
+
+
+def _class_problems(cls: type, options: Mapping[str, Any]) -> list[str]:
+    if not issubclass(cls, Backend):
+        return [f"{cls.__name__} is not a gmfx.models.Backend subclass"]
+    problems = []
+    for attribute, kind in (("name", str), ("version", str), ("units", str), ("requires_gpu", bool), ("batch_size", int)):
+        if not isinstance(getattr(cls, attribute, None), kind):
+            problems.append(f"class attribute {attribute!r} must be a {kind.__name__}")
+    if isinstance(getattr(cls, "batch_size", None), int) and cls.batch_size < 1:
+        problems.append("batch_size must be at least 1")
+    if not cls.devices or not set(cls.devices) <= {"cpu", "cuda"}:
+        problems.append(f"devices {cls.devices!r} must be a non-empty subset of ('cpu', 'cuda')")
+    if cls.requires_gpu and "cuda" not in cls.devices:
+        problems.append("requires_gpu is true but 'cuda' is not in devices")
+    if not isinstance(cls.outputs, Outputs):
+        problems.append("outputs must be a gmfx.models.Outputs")
+    elif any(not str(name).isidentifier() or size < 1 for name, size in cls.outputs.codes.items()):
+        problems.append(f"code names must be identifiers with sizes >= 1: {dict(cls.outputs.codes)}")
+    try:
+        json.dumps(cls.attrs(**options))
+    except (TypeError, ValueError) as error:
+        problems.append(f"attrs() must return JSON-serialisable provenance ({error})")
+    return problems
+
+
+def _topology_problems(topology: Topology) -> list[str]:
+    if not isinstance(topology, Topology):
+        return ["topology() must return a gmfx.models.Topology"]
+    problems = []
+    template, n = np.asarray(topology.template), topology.n_vertices
+    if template.ndim != 2 or template.shape[1] != 3 or template.dtype != np.float32:
+        problems.append(f"template must be (n_vertices, 3) float32, got {template.shape} {template.dtype}")
+    elif not np.isfinite(template).all():
+        problems.append("template has non-finite values")
+    triangles = np.asarray(topology.triangles)
+    if triangles.ndim != 2 or triangles.shape[1] != 3 or triangles.dtype != np.int32:
+        problems.append(f"triangles must be (n_triangles, 3) int32, got {triangles.shape} {triangles.dtype}")
+    elif triangles.size and (triangles.min() < 0 or triangles.max() >= n):
+        problems.append(f"triangles index vertices outside 0..{n - 1}")
+    rigid = np.asarray(topology.rigid)
+    if rigid.shape != (n,) or rigid.dtype != bool:
+        problems.append(f"rigid must be ({n},) bool, got {rigid.shape} {rigid.dtype}")
+    elif rigid.sum() < 3:
+        problems.append("rigid must select at least 3 vertices")
+    if topology.rigid_weight is not None:
+        weight = np.asarray(topology.rigid_weight)
+        if weight.shape != (n,) or weight.dtype != np.float32:
+            problems.append(f"rigid_weight must be ({n},) float32, got {weight.shape} {weight.dtype}")
+        elif (weight < 0).any() or (rigid.shape == (n,) and (weight[~rigid] != 0).any()):
+            problems.append("rigid_weight must be >= 0 and zero outside rigid")
+    if not topology.name or not topology.units:
+        problems.append("topology needs a name and the template's units")
+    return problems
+
+
+def _face_problems(model: Backend, cls: type[Backend], topology: Topology, frames: np.ndarray, max_faces: int) -> list[str]:
+    model.reset()
+    whole = model.reconstruct(frames, max_faces=max_faces)
+    try:
+        packed = pack_faces(whole, cls, max_faces=max_faces)
+    except ModelError as error:
+        return [error.what + f" ({error.where})"]
+    problems = []
+    if not packed["detected"].any():
+        problems.append("no face found in the given face frames")
+    scores = packed["score"][packed["detected"]]
+    if not ((scores >= 0) & (scores <= 1)).all():
+        problems.append(f"scores outside [0, 1]: {scores[(scores < 0) | (scores > 1)][:5]}")
+    rigid = np.asarray(topology.rigid)
+    template = np.asarray(topology.template, dtype=np.float64)
+    for t, face in zip(*np.nonzero(packed["detected"])):
+        mat = packed["mat"][t, face].astype(np.float64)
+        vertices = packed["v"][t, face, rigid].astype(np.float64)
+        mapped = template[rigid] @ mat[:3, :3].T + mat[:3, 3]
+        extent = np.ptp(vertices, axis=0).max()
+        error = np.sqrt(((mapped - vertices) ** 2).sum(axis=1).mean())
+        if not np.isfinite(mat).all() or error > 0.25 * extent:
+            problems.append(f"frame {t}: mat does not map the template onto the vertices (rms {error:.3g})")
+            break
+    half = max(1, len(frames) // 2)
+    model.reset()
+    split = model.reconstruct(frames[:half], max_faces=max_faces) + model.reconstruct(frames[half:], max_faces=max_faces)
+    again = pack_faces(split, cls, max_faces=max_faces)
+    for name, values in packed.items():
+        if not np.array_equal(values, again[name], equal_nan=values.dtype.kind == "f"):
+            problems.append(f"{name} differs when the frames come in two batches after reset()")
+    return problems
+
+
+def _fail(cls: type, problems: list[str]) -> None:
+    raise ModelError(
+        f"the backend {getattr(cls, 'name', cls.__name__)!r} breaks gmfx's backend contract:\n    - "
+        + "\n    - ".join(problems),
+        where=f"{cls.__module__}.{cls.__qualname__}",
+        fix="see gmfx.models.Backend for the contract",
+    )
