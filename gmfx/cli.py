@@ -79,6 +79,22 @@ DeviceOpt = Annotated[
 ]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="Reconstruction model (gmfx models lists them).")]
 
+BatchOpt = Annotated[int | None, typer.Option(min=1, metavar="N", help="Frames per model call [default: the model's].")]
+MaxFacesOpt = Annotated[int, typer.Option(min=1, metavar="N", help="Faces to track per frame.")]
+SamplingOpt = Annotated[
+    float | None,
+    typer.Option(min=0.0, metavar="HZ", help="Interpolate: rate of the even grid [default: 1 / median frame interval]."),
+]
+HighpassOpt = Annotated[float, typer.Option(min=0.0, metavar="HZ", help="Filter: high-pass cut-off; 0 switches it off.")]
+LowpassOpt = Annotated[float, typer.Option(min=0.0, metavar="HZ", help="Filter: low-pass cut-off; 0 switches it off.")]
+ReferenceOpt = Annotated[
+    str, typer.Option(metavar="REF", help="Align: template (the model's canonical mesh), first, mean, or mat (invert the model's pose).")
+]
+StartOpt = Annotated[float, typer.Option(metavar="SECONDS", help="Epoch: window start relative to the anchor.")]
+EndOpt = Annotated[float, typer.Option(metavar="SECONDS", help="Epoch: window end relative to the anchor.")]
+AnchorOpt = Annotated[str, typer.Option(metavar="ANCHOR", help="Epoch: onset, offset, or warp (each event's duration to one length).")]
+BaselineOpt = Annotated[str | None, typer.Option(metavar="MODE", help="Epoch: baseline correction, mean or ratio [default: none].")]
+
 
 @dataclass
 class Selection:
@@ -194,10 +210,6 @@ def _print_outputs(stores) -> None:
         typer.echo(str(store))
 
 
-BatchOpt = Annotated[int | None, typer.Option(min=1, metavar="N", help="Frames per model call [default: the model's].")]
-MaxFacesOpt = Annotated[int, typer.Option(min=1, metavar="N", help="Faces to track per frame.")]
-
-
 def _local_gpus(selection: Selection, device: str) -> int:
     """GPUs to give a local cluster: none on --device cpu or with a --scheduler."""
     if selection.scheduler or device.lower() == "cpu":
@@ -270,11 +282,12 @@ def run(
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = None,
     max_faces: MaxFacesOpt = 1,
-    sampling_freq: Annotated[float | None, typer.Option(min=0.0, metavar="HZ", help="Interpolate: rate of the even grid [default: 1 / median frame interval].")] = None,
-    highpass: Annotated[float | None, typer.Option(metavar="HZ", help="Filter: high-pass cut-off; 0 switches it off.")] = 0.005,
-    lowpass: Annotated[float | None, typer.Option(metavar="HZ", help="Filter: low-pass cut-off; 0 switches it off.")] = 4.0,
-    epoch_start: Annotated[float, typer.Option(metavar="SECONDS", help="Epoch: window start relative to the event onset.")] = -0.5,
-    epoch_end: Annotated[float, typer.Option(metavar="SECONDS", help="Epoch: window end relative to the event onset.")] = 2.0,
+    reference: ReferenceOpt = "template",
+    sampling_freq: SamplingOpt = None,
+    highpass: HighpassOpt = 0.005,
+    lowpass: LowpassOpt = 4.0,
+    epoch_start: StartOpt = -0.5,
+    epoch_end: EndOpt = 2.0,
 ) -> None:
     """Run the whole pipeline: decode, recon, preproc (align, interpolate, filter) and epochs.
 
@@ -300,12 +313,96 @@ def run(
                 client=client,
                 decode_options={"max_size": max_size},
                 recon_options={"model": model, "device": device.lower(), "batch_size": batch_size, "max_faces": max_faces},
-                preproc_options={"sampling_freq": sampling_freq, "highpass": highpass or None, "lowpass": lowpass or None},
+                preproc_options=_preproc_options(sampling_freq, highpass, lowpass, reference),
                 epoch_options={"start": epoch_start, "end": epoch_end},
                 overwrite=sel.overwrite,
                 progress=sel.progress,
             )
         _print_summary(summaries, timings, sel.out)
+
+
+def _preproc_options(sampling_freq: float | None, highpass: float, lowpass: float, reference: str = "template") -> dict:
+    return {
+        "align": {"reference": reference},
+        "interpolate": {"sampling_freq": sampling_freq} if sampling_freq else True,
+        "filter": {"highpass": highpass or None, "lowpass": lowpass or None} if (highpass or lowpass) else False,
+    }
+
+
+@app.command()
+def preproc(
+    input: InputArg,
+    participant_label: ParticipantOpt = None,
+    task: TaskOpt = None,
+    out: OutOpt = None,
+    storage_option: StorageOpt = None,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    overwrite: OverwriteOpt = False,
+    progress: ProgressOpt = True,
+    verbose: VerboseOpt = False,
+    reference: ReferenceOpt = "template",
+    sampling_freq: SamplingOpt = None,
+    highpass: HighpassOpt = 0.005,
+    lowpass: LowpassOpt = 4.0,
+) -> None:
+    """Align, interpolate and filter the reconstructions, as one lazy graph per recording.
+
+    Examples:
+
+      gmfx preproc /data/study -p 01
+
+      gmfx preproc /data/study --sampling-freq 30 --highpass 0.01 --lowpass 6
+
+      gmfx preproc /data/study --highpass 0 --lowpass 0      # align and interpolate only
+    """
+    from gmfx.stages.preproc import preproc as run_preproc
+
+    with _session(input, participant_label, task, out, storage_option, scheduler, workers, overwrite, progress, verbose) as sel:
+        recordings = sel.recordings()
+        with sel.client() as client:
+            stores = run_preproc(
+                recordings, sel.out, client=client, overwrite=sel.overwrite, progress=sel.progress,
+                **_preproc_options(sampling_freq, highpass, lowpass, reference),
+            )  # fmt: skip
+        _print_outputs(stores)
+
+
+@app.command()
+def epoch(
+    input: InputArg,
+    participant_label: ParticipantOpt = None,
+    task: TaskOpt = None,
+    out: OutOpt = None,
+    storage_option: StorageOpt = None,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    overwrite: OverwriteOpt = False,
+    progress: ProgressOpt = True,
+    verbose: VerboseOpt = False,
+    start: StartOpt = -0.5,
+    end: EndOpt = 2.0,
+    anchor: AnchorOpt = "onset",
+    baseline: BaselineOpt = None,
+) -> None:
+    """Cut the preprocessed data into epochs around the events of each recording's _events.tsv.
+
+    Examples:
+
+      gmfx epoch /data/study --start -0.5 --end 2
+
+      gmfx epoch /data/study --anchor warp --baseline mean
+    """
+    from gmfx.stages.preproc import epochs as run_epochs
+
+    with _session(input, participant_label, task, out, storage_option, scheduler, workers, overwrite, progress, verbose) as sel:
+        recordings = sel.recordings()
+        with sel.client() as client:
+            stores = run_epochs(
+                recordings, sel.out, client=client, overwrite=sel.overwrite, progress=sel.progress,
+                start=start, end=end, anchor=anchor, baseline=baseline,
+            )  # fmt: skip
+        _print_outputs(stores)
 
 
 def _print_summary(summaries, timings, out: Location) -> None:
