@@ -361,7 +361,7 @@ def read_frame_times(frametimes: Location, video: Location, n_frames: int) -> np
     if backwards.size:
         row = backwards[0] + 2
         raise FrameTimesError(
-            f"times do not increase at row {row} of column `t` ({times[row - 2]!r} then {times[row - 1]!r})",
+            f"times do not increase at row {row} of column `t` ({float(times[row - 2])!r} then {float(times[row - 1])!r})",
             where=frametimes.url,
             fix="frame times must increase strictly, one row per frame in order",
         )
