@@ -20,8 +20,11 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def local_s3_server() -> Iterator[str]:
     """Run moto's S3 server on a free port of 127.0.0.1; yield its endpoint URL."""
+    import logging
+
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     port = _free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

@@ -1,0 +1,102 @@
+"""End-to-end frames/s of the whole pipeline: 1 worker vs 2 workers, local disk vs S3 (moto), in one run.
+
+The dataset is several recordings made from the real clip ``tests/data/single_face.mp4`` (played
+forwards and backwards until each has ``--frames`` frames), each with frame times and events.
+
+    python benchmarks/pipeline.py                      # 4 recordings x 1,800 frames
+    python benchmarks/pipeline.py --recordings 2 --frames 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import shutil
+import time
+
+import av
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+WORK = REPO / "benchmarks" / "_work" / "pipeline"
+
+
+def clip_frames() -> list[np.ndarray]:
+    with av.open(str(REPO / "tests" / "data" / "single_face.mp4")) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
+def make_dataset(root: pathlib.Path, recordings: int, frames: int) -> None:
+    from gmfx.testing._videos import write_video
+
+    clip = clip_frames()
+    ping_pong = clip + clip[-2:0:-1]
+    looped = [ping_pong[i % len(ping_pong)] for i in range(frames)]
+    times = np.arange(frames) / 30.0
+    for index in range(1, recordings + 1):
+        folder = root / f"sub-{index:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"sub-{index:02d}_task-faces"
+        write_video(folder / f"{name}_video.mp4", frames=looped, fps=30, width=640, height=360, keyint=60)
+        (folder / f"{name}_frametimes.tsv").write_text("t\n" + "".join(f"{t:.6f}\n" for t in times))
+        onsets = np.arange(1.0, max(frames / 30.0 - 2.0, 1.5), 4.0)
+        (folder / f"{name}_events.tsv").write_text(
+            "onset\tduration\ttrial_type\n" + "".join(f"{t:.3f}\t1.0\tcue\n" for t in onsets)
+        )
+
+
+def upload(folder: pathlib.Path, root) -> None:
+    fs, base = root.filesystem()
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fs.pipe_file(f"{base}/{path.relative_to(folder).as_posix()}", path.read_bytes())
+
+
+def timed_run(study, out, workers: int) -> float:
+    from distributed import Client, LocalCluster
+
+    from gmfx import find_recordings, run_pipeline
+
+    recordings = find_recordings(study)
+    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+        start = time.perf_counter()
+        run_pipeline(recordings, out, client=client, recon_options={"device": "cpu"}, progress=False)
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recordings", type=int, default=4)
+    parser.add_argument("--frames", type=int, default=1800)
+    args = parser.parse_args()
+
+    from gmfx import Location
+    from gmfx.testing import local_s3_server, make_bucket, s3_storage_options
+
+    shutil.rmtree(WORK, ignore_errors=True)
+    study = WORK / "study"
+    make_dataset(study, args.recordings, args.frames)
+    total = args.recordings * args.frames
+    print(f"dataset: {args.recordings} recordings x {args.frames} frames (640x360), {total} frames in all")
+
+    results: dict[str, float] = {}
+    for workers in (1, 2):
+        seconds = timed_run(Location(str(study)), Location(str(WORK / f"out-{workers}")), workers)
+        results[f"local, {workers} worker(s)"] = total / seconds
+    with local_s3_server() as endpoint:
+        options = s3_storage_options(endpoint)
+        bucket = make_bucket(endpoint)
+        s3_study = Location(f"s3://{bucket}/study", options)
+        upload(study, s3_study)
+        seconds = timed_run(s3_study, Location(f"s3://{bucket}/derivatives/gmfx", options), 2)
+        results["s3 (moto), 2 worker(s)"] = total / seconds
+
+    for name, fps in results.items():
+        print(f"{name:28s} {fps:8.1f} frames/s")
+    two, one, s3 = results["local, 2 worker(s)"], results["local, 1 worker(s)"], results["s3 (moto), 2 worker(s)"]
+    print(f"2 workers / 1 worker: {two / one:.2f}x (target >= 1.6x)")
+    print(f"S3 / local (2 workers): {s3 / two:.2f}x (target >= 0.7x)")
+
+
+if __name__ == "__main__":
+    main()
