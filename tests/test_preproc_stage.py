@@ -1,0 +1,106 @@
+"""The preproc and epochs stages: stores on local disk and S3, on a real Dask cluster, resumable."""
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from gmfx import EventsError, IncompleteStoreError
+from gmfx.dataset import Recording
+from gmfx.stages.preproc import chain, epochs, preproc, run_chain
+from gmfx.storage import Location, RegionStore, open_dataset, store_location
+from gmfx.testing._synthetic import synthetic_face, write_synthetic_recon
+
+pytestmark = pytest.mark.filterwarnings("ignore:The data type")
+
+FACE = synthetic_face(240, n_vertices=50, time_jitter=0.2, gaps=((40, 44), (100, 130)), seed=11)
+FILTER = {"highpass": 0.2, "lowpass": 5.0, "order": 3}
+
+
+def _recording(root: Location, events: bool = True) -> Recording:
+    events_location = root.child("sub-01", "sub-01_task-faces_events.tsv") if events else None
+    if events_location is not None:
+        fs, path = events_location.filesystem()
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        with events_location.open("wb") as handle:
+            handle.write(b"onset\tduration\ttrial_type\n2.0\t1.0\tsmile\n5.5\t0.5\tfrown\n")
+    return Recording(
+        root=root,
+        subject="01",
+        task="faces",
+        video=root.child("sub-01", "sub-01_task-faces_video.mp4"),
+        events=events_location,
+    )
+
+
+def _write_recon(out: Location, recording: Recording) -> Location:
+    return write_synthetic_recon(store_location(out, recording, "recon"), FACE, chunk=32)
+
+
+def _expected(out: Location, recording: Recording) -> xr.Dataset:
+    lazy = chain(open_dataset(store_location(out, recording, "recon"), stage="recon"), filter=FILTER)
+    return lazy.compute()
+
+
+def test_chain_on_s3_equals_local_and_the_lazy_result(tmp_path, s3_root):
+    results = []
+    for root in (Location(str(tmp_path / "bids")), s3_root):
+        recording = _recording(root)
+        out = root.child("derivatives", "gmfx")
+        _write_recon(out, recording)
+        (location,) = preproc([recording], out, filter=FILTER, progress=False)
+        assert location == store_location(out, recording, "preproc")
+        written = open_dataset(location, stage="preproc")
+        assert not RegionStore(Location(location.url.removesuffix(".zarr") + "-unfiltered.zarr", location.storage_options), "preproc").attrs()
+        results.append(written)
+        (epoch_location,) = epochs([recording], out, start=-0.2, end=0.5, progress=False)
+        results.append(open_dataset(epoch_location, stage="epoch"))
+    local, local_epochs, remote, remote_epochs = results
+    expected = _expected(Location(str(tmp_path / "bids" / "derivatives" / "gmfx")), _recording(Location(str(tmp_path / "bids"))))
+    np.testing.assert_allclose(local.v.values, expected.v.values, atol=1e-6)
+    np.testing.assert_allclose(local.motion.values, expected.motion.values, atol=1e-5)
+    np.testing.assert_array_equal(local.detected.values, expected.detected.values)
+    xr.testing.assert_equal(local.v.load(), remote.v.load())
+    xr.testing.assert_equal(local_epochs.v.load(), remote_epochs.v.load())
+    assert local.attrs["gmfx_history"] == remote.attrs["gmfx_history"]
+    assert [h.split('"')[3] for h in local.attrs["gmfx_history"]] == ["align", "interpolate", "filter"]
+    assert local_epochs.v.dims == ("epoch", "lag", "face", "vertex", "coord")
+    assert list(local_epochs.trial_type.values) == ["smile", "frown"]
+
+
+def test_stage_on_a_dask_cluster_without_filter_and_resume(tmp_path, dask_client):
+    root = Location(str(tmp_path / "bids"))
+    recording = _recording(root)
+    out = root.child("out")
+    _write_recon(out, recording)
+    target = store_location(out, recording, "preproc")
+    preproc([recording], out, client=dask_client, filter=False, interpolate={"method": "pchip"}, progress=False)
+    written = open_dataset(target, stage="preproc")
+    expected = chain(open_dataset(store_location(out, recording, "recon"), stage="recon"),
+                     interpolate={"method": "pchip"}, filter=False)  # fmt: skip
+    np.testing.assert_allclose(written.v.values, expected.v.values, atol=1e-6)
+    # an interrupted run (one region lost) is not complete; a rerun writes only the missing region
+    fs, path = target.filesystem()
+    fs.rm(f"{path}/_gmfx/regions/000002")
+    RegionStore(target, "preproc").attrs()
+    group_attrs = fs.cat_file(f"{path}/zarr.json")
+    fs.pipe_file(f"{path}/zarr.json", group_attrs.replace(b'"gmfx_complete": true', b'"gmfx_complete": false'))
+    with pytest.raises(IncompleteStoreError):
+        open_dataset(target, stage="preproc")
+    preproc([recording], out, client=dask_client, filter=False, interpolate={"method": "pchip"}, progress=False)
+    np.testing.assert_allclose(open_dataset(target, stage="preproc").v.values, expected.v.values, atol=1e-6)
+
+
+def test_filter_stage_runs_on_the_cluster(tmp_path, dask_client):
+    out = Location(str(tmp_path / "out"))
+    source = write_synthetic_recon(out.child("a_recon.zarr"), FACE, chunk=32)
+    (target,) = run_chain([source], [out.child("a_preproc.zarr")], client=dask_client, filter=FILTER, progress=False)
+    expected = chain(open_dataset(source, stage="recon"), filter=FILTER)
+    np.testing.assert_allclose(open_dataset(target, stage="preproc").v.values, expected.v.values, atol=1e-6)
+
+
+def test_epochs_without_events_file_is_an_events_error(tmp_path):
+    root = Location(str(tmp_path / "bids"))
+    recording = _recording(root, events=False)
+    with pytest.raises(EventsError, match="no events file") as info:
+        epochs([recording], root.child("out"), progress=False)
+    assert "sub-01_task-faces_events.tsv" in str(info.value)
