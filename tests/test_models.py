@@ -7,50 +7,18 @@ import pytest
 from scipy.spatial.transform import Rotation
 
 from gmfx import ModelError
-from gmfx.models import Backend, Face, Outputs, Topology, available_backends, get_backend, load_backend, register_backend
-from gmfx.models._geometry import similarity_fit, similarity_matrix
+from gmfx.models import Face, Outputs, Topology, available_backends, get_backend, load_backend, register_backend
+from gmfx.models._geometry import similarity_fit
 from gmfx.models._tracking import assign_slots, match_points, stitch_segments, track_faces
 from gmfx.models.mediapipe import MediaPipeBackend, carried_scores, landmarks_to_pixels
 from gmfx.stages.recon import pack_faces, segment_ends
-from gmfx.testing._backends import check_backend
+from gmfx.testing._backends import BrightSquareBackend as SquareBackend, check_backend
 from gmfx.testing._faces import astronaut_motion
 
 
 @pytest.fixture(scope="module")
 def motion():
     return astronaut_motion(12, max_angle=15)
-
-
-class SquareBackend(Backend):
-    """A tiny real backend: a 4-vertex square around the bright pixels of a frame (none on dark frames)."""
-
-    name = "square"
-    version = "1"
-    batch_size = 4
-    outputs = Outputs(codes={"brightness": 1})
-
-    @classmethod
-    def topology(cls):
-        template = np.array([[-1, -1, 0], [1, -1, 0], [1, 1, 0], [-1, 1, 0]], np.float32)
-        return Topology("square", template, np.array([[0, 1, 2], [0, 2, 3]], np.int32), "unit", np.ones(4, bool))
-
-    @classmethod
-    def load(cls, device, **options):
-        return cls()
-
-    def reconstruct(self, frames, *, max_faces):
-        result = []
-        for frame in frames:
-            bright = frame.mean(axis=2) > 64
-            if not bright.any():
-                result.append([])
-                continue
-            y, x = np.nonzero(bright)
-            half = max(np.ptp(x), np.ptp(y), 1) / 2
-            mat = similarity_matrix(half, np.eye(3), np.array([x.mean(), y.mean(), 0.0]))
-            vertices = (self.topology().template @ mat[:3, :3].T + mat[:3, 3]).astype(np.float32)
-            result.append([Face(vertices, mat.astype(np.float32), float(bright.mean()), {"brightness": np.array([frame.mean()])})])
-        return result
 
 
 # -- geometry -----------------------------------------------------------------------------------------
@@ -127,7 +95,7 @@ def test_segment_ends_finds_first_and_last_sightings():
 # -- registry -----------------------------------------------------------------------------------------
 def test_registry_finds_entry_points_registers_and_names_the_installed_models():
     assert get_backend("mediapipe") is MediaPipeBackend
-    register_backend("square", SquareBackend)
+    register_backend("square", SquareBackend)  # a tiny real backend (gmfx.testing)
     assert {"mediapipe", "square"} <= set(available_backends())
     assert get_backend("square") is SquareBackend and get_backend(SquareBackend) is SquareBackend
     with pytest.raises(ModelError) as info:
@@ -138,9 +106,9 @@ def test_registry_finds_entry_points_registers_and_names_the_installed_models():
 
 
 def test_a_worker_loads_a_model_once_per_options():
-    first = load_backend(SquareBackend, "cpu", {"a": 1})
-    assert load_backend(SquareBackend, "cpu", {"a": 1}) is first
-    assert load_backend(SquareBackend, "cpu", {"a": 2}) is not first
+    first = load_backend(SquareBackend, "cpu", {"log": None})
+    assert load_backend(SquareBackend, "cpu", {"log": None}) is first
+    assert load_backend(SquareBackend, "cpu", {"exit_once": None}) is not first
 
 
 # -- conformance kit ----------------------------------------------------------------------------------

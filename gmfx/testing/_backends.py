@@ -9,16 +9,18 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from gmfx._errors import ModelError
-from gmfx.models import Backend, Outputs, Topology
+from gmfx.models import Backend, Face, Outputs, Topology
+from gmfx.models._geometry import similarity_matrix
 from gmfx.stages.recon import pack_faces
 
-__all__ = ["check_backend"]
+__all__ = ["BrightSquareBackend", "GpuBrightSquareBackend", "check_backend"]
 
 
 def check_backend(
@@ -163,3 +165,69 @@ def _fail(cls: type, problems: list[str]) -> None:
         where=f"{cls.__module__}.{cls.__qualname__}",
         fix="see gmfx.models.Backend for the contract",
     )
+
+
+class BrightSquareBackend(Backend):
+    """A tiny real backend for testing pipelines: a square mesh around a frame's bright pixels.
+
+    A frame whose pixels are all dark (mean RGB <= 64) has no face. Options of :meth:`load`:
+
+    ``log``
+        A local file to which every :meth:`reconstruct` call appends the address of the Dask worker
+        running it (placement tests).
+    ``exit_once``
+        A local marker file: the second :meth:`reconstruct` call of a process exits the process at
+        once (as a crash would) unless the marker exists, and creates it first, so exactly one
+        worker dies once in the middle of a task (fault-tolerance tests).
+    """
+
+    name = "bright-square"
+    version = "1"
+    batch_size = 4
+    units = "pixels"
+    outputs = Outputs(codes={"brightness": 1})
+
+    def __init__(self, log: str | None = None, exit_once: str | None = None) -> None:
+        self.log = log
+        self.exit_once = exit_once
+        self.calls = 0
+
+    @classmethod
+    def topology(cls) -> Topology:
+        template = np.array([[-1, -1, 0], [1, -1, 0], [1, 1, 0], [-1, 1, 0]], np.float32)
+        triangles = np.array([[0, 1, 2], [0, 2, 3]], np.int32)
+        return Topology("square", template, triangles, "unit", np.ones(4, bool))
+
+    @classmethod
+    def load(cls, device: str, **options: Any) -> BrightSquareBackend:
+        return cls(**options)
+
+    def reconstruct(self, frames: np.ndarray, *, max_faces: int) -> list[list[Face]]:
+        self.calls += 1
+        if self.log:
+            from distributed import get_worker
+
+            with open(self.log, "a") as handle:
+                handle.write(get_worker().address + "\n")
+        if self.exit_once and self.calls == 2 and not os.path.exists(self.exit_once):
+            open(self.exit_once, "w").close()
+            os._exit(1)
+        return [self._frame(frame) for frame in frames]
+
+    def _frame(self, frame: np.ndarray) -> list[Face]:
+        bright = frame.mean(axis=2) > 64
+        if not bright.any():
+            return []
+        y, x = np.nonzero(bright)
+        mat = similarity_matrix(max(np.ptp(x), np.ptp(y), 1) / 2, np.eye(3), np.array([x.mean(), y.mean(), 0.0]))
+        vertices = self.topology().template @ mat[:3, :3].T + mat[:3, 3]
+        brightness = np.array([frame.mean()], np.float32)
+        return [Face(vertices.astype(np.float32), mat.astype(np.float32), float(bright.mean()), {"brightness": brightness})]
+
+
+class GpuBrightSquareBackend(BrightSquareBackend):
+    """:class:`BrightSquareBackend` declaring that it needs a GPU (it computes on the CPU all the same)."""
+
+    name = "bright-square-gpu"
+    requires_gpu = True
+    devices = ("cuda",)
