@@ -126,6 +126,12 @@ def index_video(location: Location) -> VideoIndex:
     """
     with _open_container(location) as container:
         stream = container.streams.video[0]
+        if not stream.codec_context.width or not stream.codec_context.height:
+            raise VideoError(
+                f"the video stream ({stream.codec_context.name}) has no frame size: the file is not a real video",
+                where=location.url,
+                fix="check that it plays in a video player, or " + _REENCODE,
+            )
         declared = stream.frames
         pts: list[int] = []
         keyframes: list[tuple[int, int]] = []

@@ -134,7 +134,8 @@ def plan_decode(
     store = RegionStore(store_location(out, recording, STAGE.name), STAGE.name)
     template, encoding = _template(times, width, height, chunk, compression_level, attrs)
     done = store.prepare(template, plan=plan, overwrite=overwrite, encoding=encoding)
-    token = _digest(json.dumps(plan, sort_keys=True).encode())[:12]
+    # the store is part of the key: the same video decoded into two stores must not share tasks
+    token = _digest(json.dumps([store.location.url, plan], sort_keys=True).encode())[:12]
     tasks = [
         Task(
             key=f"decode-{recording.name}-{token}-{region.index:06d}",
