@@ -38,6 +38,15 @@ def test_similarity_fit_recovers_a_known_transform_and_matches_scipy():
     assert np.linalg.det(fitted) == pytest.approx(1.0)
 
 
+def test_similarity_fit_in_a_batch_equals_one_fit_per_item():
+    rng = np.random.default_rng(3)
+    source, targets, weights = rng.normal(size=(12, 3)), rng.normal(size=(5, 12, 3)), rng.uniform(size=12)
+    scales, rotations, translations = similarity_fit(source, targets, weights)
+    for i, target in enumerate(targets):
+        scale, rotation, translation = similarity_fit(source, target, weights)
+        np.testing.assert_allclose([scales[i], *rotations[i].ravel(), *translations[i]], [scale, *rotation.ravel(), *translation])
+
+
 def test_similarity_fit_never_returns_a_reflection():
     source = np.random.default_rng(1).normal(size=(10, 3))
     _, rotation, _ = similarity_fit(source, source * [1, 1, -1])

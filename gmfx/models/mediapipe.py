@@ -143,7 +143,10 @@ class MediaPipeBackend(Backend):
             self.reset()
             self._graph = self._new_graph(max_faces)
             self._max_faces = max_faces
-        return [self._frame(np.ascontiguousarray(frame)) for frame in frames]
+        found = [self._frame(np.ascontiguousarray(frame)) for frame in frames]
+        meshes = [mesh for frame_meshes, _ in found for mesh in frame_meshes]
+        mats = iter(pose_matrices(np.array(meshes).reshape(-1, N_VERTICES, 3)))
+        return [[Face(m.astype(np.float32), next(mats), float(s)) for m, s in zip(*frame)] for frame in found]
 
     def _new_graph(self, max_faces: int):
         # The graph of mediapipe.solutions.face_mesh.FaceMesh(static_image_mode=False,
@@ -162,7 +165,8 @@ class MediaPipeBackend(Backend):
             outputs=["multi_face_landmarks", "face_detections"],
         )
 
-    def _frame(self, frame: np.ndarray) -> list[Face]:
+    def _frame(self, frame: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
+        """The meshes (pixels) found in ``frame`` and their scores."""
         height, width = frame.shape[:2]
         result = self._graph.process(frame)
         meshes = [
@@ -184,7 +188,7 @@ class MediaPipeBackend(Backend):
             default=self.min_detection_confidence,
         )
         self._previous, self._previous_scores = centres, scores
-        return [Face(vertices=m.astype(np.float32), mat=pose_matrix(m), score=float(s)) for m, s in zip(meshes, scores)]
+        return meshes, scores
 
 
 def landmarks_to_pixels(landmarks: np.ndarray, width: int, height: int) -> np.ndarray:
@@ -192,10 +196,11 @@ def landmarks_to_pixels(landmarks: np.ndarray, width: int, height: int) -> np.nd
     return landmarks * np.array([width, height, width], dtype=landmarks.dtype)
 
 
-def pose_matrix(vertices: np.ndarray) -> np.ndarray:
-    """The ``(4, 4)`` float32 template -> ``vertices`` similarity fitted on the Procrustes basis."""
+def pose_matrices(meshes: np.ndarray) -> np.ndarray:
+    """The ``(n, 4, 4)`` float32 template -> mesh similarities of ``(n, 478, 3)`` meshes, fitted on the
+    Procrustes basis."""
     canonical, _, indices, weights = _resources()
-    return similarity_matrix(*similarity_fit(canonical[indices], vertices[indices], weights)).astype(np.float32)
+    return similarity_matrix(*similarity_fit(canonical[indices], meshes[:, indices], weights)).astype(np.float32)
 
 
 def carried_scores(

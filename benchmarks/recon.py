@@ -1,0 +1,108 @@
+"""Reconstruction throughput: a plain MediaPipe loop vs gmfx recon with 1 and 2 workers, same frames.
+
+The video is the real clip ``tests/data/single_face.mp4`` looped to 1,800 frames (640x360). It is
+decoded once into a frames store; then, in the same run:
+
+* baseline: one process reads the frames store chunk by chunk and calls MediaPipe's face mesh
+  (``static_image_mode=False, refine_landmarks=True``) on every frame;
+* gmfx: ``recon`` on a local cluster of 1, then 2 single-threaded worker processes (cluster start-up
+  and the import of mediapipe are not timed, as in the baseline; graph creation, scheduling, score
+  and pose fits, tracking and writes are).
+
+Run: ``python benchmarks/recon.py [--frames 1800]``. Prints frames/s and the ratios to the baseline
+(targets: >= 0.85 with 1 worker, >= 1.6 with 2 on a machine with 2 free cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pathlib
+import tempfile
+import time
+
+import numpy as np
+
+from gmfx.dataset import find_recordings
+from gmfx.stages.decode import decode
+from gmfx.stages.recon import recon
+from gmfx.storage import Location, store_location
+from gmfx.testing._videos import write_video, write_bids_recording
+
+CLIP = pathlib.Path(__file__).resolve().parent.parent / "tests" / "data" / "single_face.mp4"
+
+
+class _Looped:
+    """The clip's frames repeated to ``n`` frames, without holding ``n`` frames in memory."""
+
+    def __init__(self, frames: np.ndarray, n: int) -> None:
+        self.frames, self.n = frames, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.frames[i % len(self.frames)]
+
+
+def _clip_frames() -> np.ndarray:
+    import av
+
+    with av.open(str(CLIP)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def baseline(frames_store: Location) -> float:
+    """Seconds for a plain loop: read each chunk, run MediaPipe on each frame."""
+    import mediapipe as mp
+    import zarr
+
+    frames = zarr.open_group(frames_store.url, mode="r")["frames"]
+    chunk = frames.chunks[0]
+    start = time.perf_counter()
+    with mp.solutions.face_mesh.FaceMesh(static_image_mode=False, refine_landmarks=True, max_num_faces=1) as mesh:
+        for first in range(0, frames.shape[0], chunk):
+            for image in frames[first : first + chunk]:
+                mesh.process(image)
+    return time.perf_counter() - start
+
+
+def gmfx_recon(recordings, out: Location, workers: int) -> float:
+    """Seconds for ``recon`` on a fresh local cluster of ``workers`` processes (start-up not timed)."""
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+        client.wait_for_workers(workers)
+        client.run(importlib.import_module, "mediapipe")
+        start = time.perf_counter()
+        recon(recordings, out, client=client, overwrite=True, progress=False)
+        return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=1800)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as folder:
+        root = pathlib.Path(folder)
+        video = write_video(root / "looped.mp4", frames=_Looped(_clip_frames(), args.frames))
+        write_bids_recording(str(root / "bids"), subject="01", task="bench", video=str(video))
+        recordings = find_recordings(str(root / "bids"))
+        out = Location(str(root / "out"))
+        from distributed import Client, LocalCluster
+
+        with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+            decode(recordings, out, client=client, progress=False)
+        frames_store = store_location(out, recordings[0], "decode")
+        n = args.frames
+        plain = baseline(frames_store)
+        one = gmfx_recon(recordings, out, 1)
+        two = gmfx_recon(recordings, out, 2)
+        print(f"frames: {n} (640x360, MediaPipe face mesh 478 points)")
+        print(f"plain loop      : {n / plain:7.1f} frames/s")
+        print(f"gmfx, 1 worker  : {n / one:7.1f} frames/s   ratio {plain / one:.2f}  (target >= 0.85)")
+        print(f"gmfx, 2 workers : {n / two:7.1f} frames/s   ratio {plain / two:.2f}  (target >= 1.6)")
+
+
+if __name__ == "__main__":
+    main()
