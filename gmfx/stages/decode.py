@@ -6,8 +6,8 @@ from ``_frametimes.tsv`` when present, else the container's pts) and ``frame`` (
 
 Planning indexes each video (demux only), checks its frame times and writes the store's template with
 the coordinates. Each task then decodes one *segment* (whole chunks) and writes it chunk by chunk while
-decoding the next chunk, so a task holds about two chunks in memory however long its segment is; the
-segment's last chunk goes through :meth:`RegionStore.write_region`, which marks the region done.
+decoding the next chunk, so a task holds about three chunks in memory however long its segment is; once
+every chunk is in, :meth:`RegionStore.write_region` records the region as done.
 
 Defaults, from measurements on 640x360 video (``benchmarks/decode.py``):
 
@@ -154,23 +154,21 @@ def decode_region(
 ) -> int:
     """Decode ``region`` of ``video`` into ``store`` chunk by chunk; mark it done; return its frame count.
 
-    Chunks are compressed and written in a background thread while the next chunk decodes; the last
-    chunk is written with the completion marker, after every other chunk of the region is in.
+    Chunks are compressed and written in background threads while the next chunk decodes (at most
+    two wait, which bounds memory); the region is marked done once all of them are in.
     """
     frames_array = _open_frames_array(store)
     pending: list[Future] = []
-    start, last = region.start, None
+    start = region.start
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="gmfx-decode-write") as writer:
         for batch in iter_segment(video, index, region.start, region.stop, batch=chunk_frames, max_size=max_size):
-            if last is not None:
-                if len(pending) >= 2:  # bound memory: at most two chunks waiting to be written
-                    pending.pop(0).result()
-                pending.append(writer.submit(_write_chunk, store, frames_array, *last))
-            last = (slice(start, start + len(batch)), batch)
+            if len(pending) >= 2:
+                pending.pop(0).result()
+            pending.append(writer.submit(_write_chunk, store, frames_array, slice(start, start + len(batch)), batch))
             start += len(batch)
         for future in pending:
             future.result()
-    store.write_region(region.index, last[0], {"frames": last[1]})
+    store.write_region(region.index, region.slice, {})  # every chunk is in: only record the marker
     return len(region)
 
 
@@ -187,9 +185,15 @@ def _write_chunk(store: RegionStore, array: zarr.Array, time: slice, values: np.
 
 
 def _open_frames_array(store: RegionStore) -> zarr.Array:
+    """The store's ``frames`` array, set to write every chunk without first checking it is all zeros.
+
+    That check (zarr's default ``write_empty_chunks=False``) costs more than compressing the chunk; a
+    decoded chunk that is all black is rare and small once compressed.
+    """
     location = store.location
     kwargs = {} if location.is_local else {"storage_options": dict(location.storage_options)}
-    return zarr.open_array(posixpath.join(location.url, "frames"), mode="r+", zarr_format=3, **kwargs)
+    array = zarr.open_array(posixpath.join(location.url, "frames"), mode="r+", zarr_format=3, **kwargs)
+    return array.with_config({"write_empty_chunks": True})
 
 
 def decode(
