@@ -245,7 +245,7 @@ def iter_segment(
         for frame in itertools.chain([first] if first is not None else [], frames):
             if frame.pts != index.pts[position]:
                 raise _pts_error(location, index, position, frame.pts, target)
-            buffer[filled] = frame.to_ndarray(format="rgb24", **resize)
+            _rgb_into(frame, buffer[filled], resize)
             filled += 1
             position += 1
             if filled == len(buffer):
@@ -303,6 +303,14 @@ def _decode_error(location: Location, index: VideoIndex, packet, error: Exceptio
         where=location.url,
         fix="the file is corrupted there: copy it again, or " + _REENCODE,
     )
+
+
+def _rgb_into(frame: av.VideoFrame, out: np.ndarray, resize: dict) -> None:
+    """Convert ``frame`` to RGB (resized as told) straight into ``out``: one copy, as ``to_ndarray`` makes."""
+    rgb = frame.reformat(format="rgb24", **resize)
+    plane = rgb.planes[0]
+    rows = np.frombuffer(plane, np.uint8).reshape(rgb.height, plane.line_size)  # rows may be padded
+    out[...] = rows[:, : rgb.width * 3].reshape(rgb.height, rgb.width, 3)
 
 
 def _pts_error(location: Location, index: VideoIndex, position: int, got: int, target: int | None) -> VideoError:
