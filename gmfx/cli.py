@@ -235,6 +235,9 @@ def recon(
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = None,
     max_faces: MaxFacesOpt = 1,
+    segment_frames: Annotated[
+        int, typer.Option(min=1, metavar="N", help="Frames each task reconstructs (rounded to whole frames chunks).")
+    ] = 256,
 ) -> None:
     """Reconstruct a 3D face mesh per frame and face (decoding the videos first when needed).
 
@@ -259,6 +262,7 @@ def recon(
                 device=device.lower(),
                 batch_size=batch_size,
                 max_faces=max_faces,
+                segment_frames=segment_frames,
                 overwrite=sel.overwrite,
                 progress=sel.progress,
             )
