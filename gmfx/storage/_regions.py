@@ -120,10 +120,7 @@ class RegionStore:
             for name, values in arrays.items():
                 array = group[name]
                 array[(time,) + (slice(None),) * (array.ndim - 1)] = np.asarray(values, dtype=array.dtype)
-            fs, path = self.location.filesystem()
-            markers = posixpath.join(path, _MARKERS)
-            fs.makedirs(markers, exist_ok=True)  # a no-op on object stores
-            fs.pipe_file(posixpath.join(markers, f"{index:06d}"), b"done")
+            self._mark(index)
 
         # a region write is idempotent (same bytes each time), so transient failures are retried whole
         retry_transient(
@@ -132,6 +129,22 @@ class RegionStore:
             where=self.location.url,
             redactor=lambda text: redact(text, self.location.storage_options),
         )
+
+    def mark_done(self, index: int) -> None:
+        """Record that region ``index`` is written, for stages that write their regions themselves
+        (e.g. blocks along another axis than time). Call it only after every byte of the region is in."""
+        retry_transient(
+            lambda: self._mark(index),
+            what=f"marking region {index} of the {self.stage} store done",
+            where=self.location.url,
+            redactor=lambda text: redact(text, self.location.storage_options),
+        )
+
+    def _mark(self, index: int) -> None:
+        fs, path = self.location.filesystem()
+        markers = posixpath.join(path, _MARKERS)
+        fs.makedirs(markers, exist_ok=True)  # a no-op on object stores
+        fs.pipe_file(posixpath.join(markers, f"{index:06d}"), b"done")
 
     def finalize(self, extra_attrs: Mapping[str, Any] | None = None) -> None:
         """Mark the store complete and consolidate its metadata, after checking every region is in."""
