@@ -10,7 +10,7 @@ from gmfx import ModelError
 from gmfx.models import Face, Outputs, Topology, available_backends, get_backend, load_backend, register_backend
 from gmfx.models._geometry import similarity_fit
 from gmfx.models._tracking import assign_slots, match_points, stitch_segments, track_faces
-from gmfx.models.mediapipe import MediaPipeBackend, carried_scores, landmarks_to_pixels
+from gmfx.models.mediapipe import MediaPipeBackend, carried_scores, landmark_array, landmarks_to_pixels
 from gmfx.stages.recon import pack_faces, segment_ends
 from gmfx.testing._backends import BrightSquareBackend as SquareBackend, check_backend
 from gmfx.testing._faces import astronaut_motion
@@ -56,14 +56,15 @@ def test_similarity_fit_never_returns_a_reflection():
 # -- tracking -----------------------------------------------------------------------------------------
 def test_match_points_is_the_minimum_total_distance_matching():
     rng = np.random.default_rng(2)
-    for _ in range(20):
-        reference, points = rng.uniform(0, 10, (4, 2)), rng.uniform(0, 10, (3, 2))
-        matches = match_points(reference, points, np.full(3, np.inf))
-        best = min(
-            itertools.permutations(range(4), 3),
-            key=lambda p: sum(np.linalg.norm(points[i] - reference[j]) for i, j in enumerate(p)),
-        )
-        assert tuple(matches) == best
+    for n_points in (1, 2, 3):
+        for _ in range(10):
+            reference, points = rng.uniform(0, 10, (4, 2)), rng.uniform(0, 10, (n_points, 2))
+            matches = match_points(reference, points, np.full(n_points, np.inf))
+            best = min(
+                itertools.permutations(range(4), n_points),
+                key=lambda p: sum(np.linalg.norm(points[i] - reference[j]) for i, j in enumerate(p)),
+            )
+            assert tuple(matches) == best
     assert (match_points(np.array([[0.0, 0]]), np.array([[5.0, 0]]), np.array([4.0])) == -1).all()
     assert (match_points(np.full((2, 2), np.nan), np.zeros((1, 2)), np.ones(1)) == -1).all()
 
@@ -184,6 +185,21 @@ def test_mediapipe_matches_mediapipe_called_directly(motion):
             result = mesh.process(frame)
             direct = np.array([(p.x, p.y, p.z) for p in result.multi_face_landmarks[0].landmark])
             np.testing.assert_array_equal(found[0].vertices, landmarks_to_pixels(direct, width, height).astype(np.float32))
+
+
+def test_landmark_array_reads_serialised_landmarks_like_their_fields():
+    from mediapipe.framework.formats import landmark_pb2
+
+    rng = np.random.default_rng(4)
+    values = rng.normal(size=(478, 3)).astype(np.float32)
+    values[5] = 0.0  # zeros are still serialised (proto2 optional fields)
+    landmarks = landmark_pb2.NormalizedLandmarkList()
+    for x, y, z in values:
+        landmarks.landmark.add(x=x, y=y, z=z)
+    np.testing.assert_array_equal(landmark_array(landmarks), values.astype(np.float64))
+    landmarks.landmark[3].visibility = 0.5  # another layout: read field by field
+    np.testing.assert_array_equal(landmark_array(landmarks), values.astype(np.float64))
+    assert landmark_array(landmark_pb2.NormalizedLandmarkList()).shape == (0, 3)
 
 
 def test_mediapipe_pose_follows_the_head_rotation(motion):

@@ -39,7 +39,11 @@ def match_points(reference: np.ndarray, points: np.ndarray, max_distance: np.nda
         return matches
     distance = np.linalg.norm(points[:, None, :] - reference[None, valid, :], axis=2)
     allowed = distance <= np.asarray(max_distance)[:, None]
-    forbidden = 1e6 * (float(np.nanmax(distance)) + 1.0)  # finite, so the assignment always exists
+    if len(points) == 1:  # the common single-face case: the nearest reference point
+        nearest = int(np.argmin(distance[0]))
+        matches[0] = valid[nearest] if allowed[0, nearest] else -1
+        return matches
+    forbidden = 1e6 * (float(distance.max()) + 1.0)  # finite, so the assignment always exists
     rows, cols = linear_sum_assignment(np.where(allowed, distance, forbidden))
     keep = allowed[rows, cols]
     matches[rows[keep]] = valid[cols[keep]]

@@ -13,7 +13,8 @@ import hashlib
 import json
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dask.array as da
@@ -255,11 +256,9 @@ def reconstruct_region(
     model = load_backend(backend, device, dict(options))
     if device == "cpu" and "torch" in sys.modules:
         sys.modules["torch"].set_num_threads(1)  # one core per worker process on CPU
-    frames = _frames_array(frames_location)
     model.reset()
     faces: list[list[Face]] = []
-    for start in range(region.start, region.stop, batch_size):
-        batch = frames[start : min(start + batch_size, region.stop)]
+    for start, batch in _read_ahead(_frames_array(frames_location), region, batch_size):
         found = model.reconstruct(batch, max_faces=max_faces)
         if len(found) != len(batch):
             raise ModelError(
@@ -271,6 +270,23 @@ def reconstruct_region(
     arrays = pack_faces(faces, backend, max_faces=max_faces, first_frame=region.start)
     RegionStore(store_location_, STAGE.name).write_region(region.index, region.slice, arrays)
     return int(arrays["detected"].any(axis=1).sum())
+
+
+def _read_ahead(frames: zarr.Array, region: Region, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+    """``(start, frames)`` batches of ``region``; the next batch is read (and decompressed) in a
+    background thread while the caller works on the current one."""
+    starts = list(range(region.start, region.stop, batch_size))
+
+    def read(start: int) -> np.ndarray:
+        return frames[start : min(start + batch_size, region.stop)]
+
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        pending = reader.submit(read, starts[0]) if starts else None
+        for i, start in enumerate(starts):
+            batch = pending.result()
+            if i + 1 < len(starts):
+                pending = reader.submit(read, starts[i + 1])
+            yield start, batch
 
 
 def pack_faces(faces: Sequence[Sequence[Face]], backend: type[Backend], *, max_faces: int, first_frame: int = 0) -> dict[str, np.ndarray]:
