@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+import queue
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -159,12 +160,28 @@ def decode_region(
     """
     frames_array = _open_frames_array(store)
     pending: list[Future] = []
+    recycled: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()  # chunk buffers already written
+
+    def allocate(shape: tuple[int, ...]) -> np.ndarray:
+        while not recycled.empty():
+            buffer = recycled.get()
+            if buffer.shape == shape:
+                return buffer
+        return np.empty(shape, np.uint8)
+
+    def write(time: slice, batch: np.ndarray) -> None:
+        _write_chunk(store, frames_array, time, batch)
+        recycled.put(batch)
+
     start = region.start
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="gmfx-decode-write") as writer:
-        for batch in iter_segment(video, index, region.start, region.stop, batch=chunk_frames, max_size=max_size):
+        segment = iter_segment(
+            video, index, region.start, region.stop, batch=chunk_frames, max_size=max_size, allocate=allocate
+        )
+        for batch in segment:
             if len(pending) >= 2:
                 pending.pop(0).result()
-            pending.append(writer.submit(_write_chunk, store, frames_array, slice(start, start + len(batch)), batch))
+            pending.append(writer.submit(write, slice(start, start + len(batch)), batch))
             start += len(batch)
         for future in pending:
             future.result()
