@@ -58,7 +58,7 @@ def timed_run(study, out, workers: int) -> float:
     from gmfx import find_recordings, run_pipeline
 
     recordings = find_recordings(study)
-    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as client:
         start = time.perf_counter()
         run_pipeline(recordings, out, client=client, recon_options={"device": "cpu"}, progress=False)
         return time.perf_counter() - start

@@ -372,6 +372,102 @@ def preproc(
         _print_outputs(stores)
 
 
+def _step(step: str, options: dict, session_args: tuple) -> None:
+    from gmfx.pipeline import run_step
+
+    with _session(*session_args) as sel:
+        recordings = sel.recordings()
+        with sel.client() as client:
+            stores = run_step(step, recordings, sel.out, client=client, options=options, overwrite=sel.overwrite, progress=sel.progress)
+        _print_outputs(stores)
+
+
+@app.command()
+def align(
+    input: InputArg,
+    participant_label: ParticipantOpt = None,
+    task: TaskOpt = None,
+    out: OutOpt = None,
+    storage_option: StorageOpt = None,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    overwrite: OverwriteOpt = False,
+    progress: ProgressOpt = True,
+    verbose: VerboseOpt = False,
+    reference: ReferenceOpt = "template",
+    scale: Annotated[bool, typer.Option(help="Also fit a uniform scale.")] = False,
+) -> None:
+    """Remove rigid head motion: recon store -> <name>_aligned.zarr (v in local space, mat, motion).
+
+    Examples:
+
+      gmfx align /data/study -p 01
+
+      gmfx_align /data/study --reference mean
+    """
+    _step("align", {"reference": reference, "scale": scale},
+          (input, participant_label, task, out, storage_option, scheduler, workers, overwrite, progress, verbose))  # fmt: skip
+
+
+@app.command()
+def interpolate(
+    input: InputArg,
+    participant_label: ParticipantOpt = None,
+    task: TaskOpt = None,
+    out: OutOpt = None,
+    storage_option: StorageOpt = None,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    overwrite: OverwriteOpt = False,
+    progress: ProgressOpt = True,
+    verbose: VerboseOpt = False,
+    sampling_freq: SamplingOpt = None,
+    method: Annotated[str, typer.Option(metavar="METHOD", help="linear, pchip or cubic.")] = "linear",
+    max_gap: Annotated[float, typer.Option(min=0.0, metavar="SECONDS", help="Gaps (no face) longer than this stay NaN.")] = 0.5,
+) -> None:
+    """Resample onto an even time grid: <name>_aligned.zarr -> <name>_interpolated.zarr.
+
+    Examples:
+
+      gmfx interpolate /data/study --sampling-freq 30
+
+      gmfx_interpolate /data/study --method pchip --max-gap 0.25
+    """
+    options = {"sampling_freq": sampling_freq, "method": method, "max_gap": max_gap}
+    _step("interpolate", options,
+          (input, participant_label, task, out, storage_option, scheduler, workers, overwrite, progress, verbose))  # fmt: skip
+
+
+@app.command(name="filter")
+def filter_(
+    input: InputArg,
+    participant_label: ParticipantOpt = None,
+    task: TaskOpt = None,
+    out: OutOpt = None,
+    storage_option: StorageOpt = None,
+    scheduler: SchedulerOpt = None,
+    workers: WorkersOpt = None,
+    overwrite: OverwriteOpt = False,
+    progress: ProgressOpt = True,
+    verbose: VerboseOpt = False,
+    highpass: HighpassOpt = 0.005,
+    lowpass: LowpassOpt = 4.0,
+    order: Annotated[int, typer.Option(min=1, metavar="N", help="Butterworth order.")] = 5,
+    causal: Annotated[bool, typer.Option(help="Causal (one-pass) filter instead of zero-phase.")] = False,
+) -> None:
+    """Butterworth band-pass along time: <name>_interpolated.zarr -> <name>_filtered.zarr.
+
+    Examples:
+
+      gmfx filter /data/study --highpass 0.01 --lowpass 6
+
+      gmfx_filter /data/study --highpass 0 --lowpass 4 --causal
+    """
+    options = {"highpass": highpass or None, "lowpass": lowpass or None, "order": order, "causal": causal}
+    _step("filter", options,
+          (input, participant_label, task, out, storage_option, scheduler, workers, overwrite, progress, verbose))  # fmt: skip
+
+
 @app.command()
 def epoch(
     input: InputArg,
@@ -492,3 +588,6 @@ def _alias(command: str):
 
 decode_main = _alias("decode")
 recon_main = _alias("recon")
+align_main = _alias("align")
+interpolate_main = _alias("interpolate")
+filter_main = _alias("filter")

@@ -15,10 +15,14 @@ from typing import Any
 import numpy as np
 from distributed import Client
 
+from gmfx._errors import StorageError
 from gmfx.dataset import Recording
-from gmfx.storage import Location, open_dataset, store_location
+from gmfx.storage import Location, RegionStore, open_dataset, store_location
 
-__all__ = ["RecordingSummary", "run_pipeline"]
+__all__ = ["RecordingSummary", "run_pipeline", "run_step", "STEP_INPUTS"]
+
+#: the store each single preprocessing step reads, as in the original tool's chain
+STEP_INPUTS = {"align": "recon", "interpolate": "align", "filter": "interpolate"}
 
 
 @dataclass(frozen=True)
@@ -80,4 +84,43 @@ def _summarize(recording: Recording, out: Location) -> RecordingSummary:
         frames=int(detected.size),
         detected_fraction=float(detected.mean()) if detected.size else 0.0,
         outputs=outputs,
+    )
+
+
+def run_step(
+    step: str,
+    recordings: Sequence[Recording],
+    out: Location,
+    *,
+    client: Client,
+    options: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[Location]:
+    """Run one preprocessing step on its own store, as the original tool's ``gmfx_align``,
+    ``gmfx_interpolate`` and ``gmfx_filter`` do: align reads the recon store and writes
+    ``<name>_aligned.zarr``, interpolate reads that and writes ``<name>_interpolated.zarr``, filter reads
+    that and writes ``<name>_filtered.zarr``. ``gmfx preproc`` runs the same chain in one graph.
+    """
+    from gmfx.stages.preproc import run_chain
+
+    source_step = STEP_INPUTS[step]
+    sources = [store_location(out, recording, source_step) for recording in recordings]
+    for source in sources:
+        if RegionStore(source, source_step).attrs() is None:
+            raise StorageError(
+                f"gmfx {step} reads the output of gmfx {source_step}, which is not there",
+                where=source.url,
+                fix=f"run gmfx {source_step} first (or gmfx preproc for the whole chain at once)",
+            )
+    steps: dict[str, Any] = {"align": False, "interpolate": False, "filter": False}
+    steps[step] = dict(options or {}) or True
+    return run_chain(
+        sources,
+        [store_location(out, recording, step) for recording in recordings],
+        client=client,
+        overwrite=overwrite,
+        progress=progress,
+        labels=[recording.name for recording in recordings],
+        **steps,
     )

@@ -57,7 +57,7 @@ def clean_run(example, tmp_path_factory):
 
     out = Location(str(tmp_path_factory.mktemp("clean") / "out"))
     recordings = find_recordings(example)
-    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as client:
         summaries, timings = run_pipeline(recordings, out, client=client, progress=False, **FAST)
     return out, recordings[0], summaries, timings
 
@@ -106,7 +106,7 @@ def test_killed_worker_loses_nothing(clean_run, example, tmp_path):
     markers = pathlib.Path(store_location(out, recording, "recon").url, "_gmfx", "regions")
     killed = []
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+    with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as client:
         pids = client.run(os.getpid)
 
         def kill_one_worker_once_recon_started() -> None:
@@ -197,3 +197,26 @@ def test_credentials_never_reach_outputs_logs_or_errors(example, s3_endpoint):
     assert any(path.endswith("zarr.json") for path in written)
     for text in [result.stdout, result.stderr, failing.stdout, failing.stderr] + [fs.cat_file(p).decode("latin-1") for p in written]:
         assert secret not in text and key not in text
+
+
+def test_single_steps_chain_like_the_original_tool_and_equal_preproc(clean_run, tmp_path, dask_client):
+    import shutil
+
+    from gmfx import StorageError
+    from gmfx.pipeline import run_step
+
+    out_local, recording, _, _ = clean_run
+    out = Location(str(tmp_path / "out"))
+    recon = store_location(out_local, recording, "recon").url
+    shutil.copytree(recon, store_location(out, recording, "recon").url)
+    with pytest.raises(StorageError, match="run gmfx align first"):
+        run_step("interpolate", [recording], out, client=dask_client, progress=False)
+    for step in ("align", "interpolate", "filter"):
+        run_step(step, [recording], out, client=dask_client, progress=False)
+    filtered = open_dataset(store_location(out, recording, "filter"), stage="filter")
+    chained = open_dataset(store_location(out_local, recording, "preproc"), stage="preproc")
+    for name in ("v", "motion", "time"):
+        np.testing.assert_allclose(filtered[name].values, chained[name].values, rtol=1e-5, atol=1e-4, err_msg=name)
+    assert [step["operation"] for step in map(__import__("json").loads, filtered.attrs["gmfx_history"])][-3:] == [
+        "align", "interpolate", "filter"
+    ]

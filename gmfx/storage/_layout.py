@@ -19,6 +19,10 @@ STORE_SUFFIXES = {
     "recon": "recon",
     "preproc": "preproc",
     "epoch": "epochs",
+    # the single steps, as in the original tool (gmfx_align -> gmfx_interpolate -> gmfx_filter)
+    "align": "aligned",
+    "interpolate": "interpolated",
+    "filter": "filtered",
 }
 
 
