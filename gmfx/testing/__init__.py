@@ -1,6 +1,29 @@
-"""Helpers for testing gmfx and code built on it: synthetic data, local S3, backend conformance."""
+"""Helpers for testing gmfx and code built on it.
+
+- real test videos whose frames show their index, and BIDS-like datasets (:func:`write_video`,
+  :func:`write_bids_recording`);
+- synthetic face sequences with known rigid motion, and recon stores made from them
+  (:func:`synthetic_face`, :func:`write_synthetic_recon`);
+- a real S3-compatible server on 127.0.0.1 (:func:`local_s3_server`; needs the ``test`` extra);
+- fault injection for storage (:class:`FlakyFileSystem`, ``flaky://`` URLs).
+"""
 
 from gmfx.testing._flaky import FlakyFileSystem
 from gmfx.testing._s3 import local_s3_server, make_bucket, s3_storage_options
+from gmfx.testing._synthetic import SyntheticFace, synthetic_face, synthetic_recon_dataset, write_synthetic_recon
+from gmfx.testing._videos import frame_pattern, read_frame_number, write_bids_recording, write_video
 
-__all__ = ["FlakyFileSystem", "local_s3_server", "make_bucket", "s3_storage_options"]
+__all__ = [
+    "FlakyFileSystem",
+    "SyntheticFace",
+    "frame_pattern",
+    "local_s3_server",
+    "make_bucket",
+    "read_frame_number",
+    "s3_storage_options",
+    "synthetic_face",
+    "synthetic_recon_dataset",
+    "write_bids_recording",
+    "write_synthetic_recon",
+    "write_video",
+]
