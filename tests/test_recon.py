@@ -230,6 +230,19 @@ def test_frames_store_missing_variables_or_from_another_version_is_refused(tmp_p
         plan_recon(recording, out, device="cpu")
 
 
+def test_plans_have_deterministic_keys_and_pin_gpu_models(tmp_path):
+    [recording] = _dataset(str(tmp_path / "bids"), {"n_frames": 4})
+    out = Location(str(tmp_path / "out"))
+    _fake_frames_store(store_location(out, recording, "decode"))
+    first = plan_recon(recording, out, model=BrightSquareBackend, device="cpu")
+    again = plan_recon(recording, out, model=BrightSquareBackend, device="cpu")
+    assert [t.key for t in first.tasks] == [t.key for t in again.tasks] and len(first.tasks) == 1
+    assert first.tasks[0].resources is None
+    gpu = plan_recon(recording, out, model=GpuBrightSquareBackend, overwrite=True)
+    assert gpu.tasks[0].resources == {"GPU": 1} and gpu.attrs["device"] == "cuda"
+    assert gpu.tasks[0].key != first.tasks[0].key
+
+
 def test_stitching_gives_segments_one_face_index(tmp_path):
     """Two faces whose local order is swapped in the second segment get one index after stitching."""
     store = RegionStore(Location(str(tmp_path / "r_recon.zarr")), "recon")
