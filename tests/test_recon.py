@@ -241,6 +241,8 @@ def test_plans_have_deterministic_keys_and_pin_gpu_models(tmp_path):
     gpu = plan_recon(recording, out, model=GpuBrightSquareBackend, overwrite=True)
     assert gpu.tasks[0].resources == {"GPU": 1} and gpu.attrs["device"] == "cuda"
     assert gpu.tasks[0].key != first.tasks[0].key
+    with pytest.raises(ModelError, match="does not accept the options"):
+        plan_recon(recording, out, model="mediapipe", device="cpu", model_options={"min_detection": 0.2}, overwrite=True)
 
 
 def test_stitching_gives_segments_one_face_index(tmp_path):

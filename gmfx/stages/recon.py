@@ -122,6 +122,16 @@ def plan_recon(
         "device": device,
         "max_faces": max_faces,
     }
+    attrs = {
+        "model": backend.name,
+        "model_version": backend.version,
+        "device": device,
+        "max_faces": max_faces,
+        "topology": topology.name,
+        "gmfx_version": __version__,
+        "frames_store": frames_location.url,
+        **_provenance(backend, options),
+    }
     store = RegionStore(store_location(out, recording, "recon"), STAGE.name)
     template = recon_template(backend, frames, max_faces=max_faces, region_frames=region_frames)
     done = store.prepare(template, plan=plan, overwrite=overwrite)
@@ -138,16 +148,6 @@ def plan_recon(
         for region in regions
         if region.index not in done
     ]
-    attrs = {
-        "model": backend.name,
-        "model_version": backend.version,
-        "device": device,
-        "max_faces": max_faces,
-        "topology": topology.name,
-        "gmfx_version": __version__,
-        "frames_store": frames_location.url,
-        **backend.attrs(**options),
-    }
     return StorePlan(store=store, tasks=tasks, regions=len(regions), attrs=attrs, label=recording.name)
 
 
@@ -393,6 +393,18 @@ def segment_ends(
         largest = np.where(seen, size[region.slice], -np.inf).max(axis=0)
         sizes.append(np.where(present, largest, np.nan))
     return first, last, sizes
+
+
+def _provenance(backend: type[Backend], options: Mapping[str, Any]) -> dict[str, Any]:
+    """The backend's provenance for ``options``; a bad option is reported before any work starts."""
+    try:
+        return backend.attrs(**options)
+    except (TypeError, ValueError) as error:
+        raise ModelError(
+            f"the model {backend.name!r} does not accept the options {dict(options)} ({error})",
+            where="model options",
+            fix=f"see the options of {backend.__module__}.{backend.__qualname__}.load",
+        ) from error
 
 
 def _warn_if_few_faces(store: RegionStore) -> None:
