@@ -37,6 +37,9 @@ _STORE_STATE = ("gmfx_stage", "gmfx_plan", "gmfx_regions", "gmfx_complete")
 
 _REFERENCES = ("template", "first", "mean", "mat")
 
+#: attribute of a per-frame Dask array: ``recipe(lo, hi)`` builds frames ``lo:hi`` from its sources only
+_FRAMES_RECIPE = "_gmfx_frames"
+
 
 def open_recon(url_or_location: str | os.PathLike | Location, storage_options: dict | None = None) -> xr.Dataset:
     """Open a finished recon store lazily."""
@@ -74,6 +77,24 @@ def _dask(array: xr.DataArray, time_chunk: int | None = None) -> da.Array:
     if not isinstance(data, da.Array):
         data = da.from_array(data, chunks=(time_chunk or data.shape[0],) + data.shape[1:])
     return data.rechunk({axis: -1 for axis in range(1, data.ndim)})
+
+
+def _frames(data: da.Array, lo: int, hi: int) -> da.Array:
+    """Frames ``lo:hi`` of ``data`` in one time chunk.
+
+    A per-frame result (e.g. the aligned vertices) carries a recipe that computes just those frames
+    from its own sources: slicing it plainly would compute the whole neighbouring chunks (an
+    interpolation halo of a few frames would redo the alignment of three chunks per output chunk).
+    """
+    recipe = getattr(data, _FRAMES_RECIPE, None)
+    if recipe is not None:
+        return recipe(lo, hi)
+    return data[lo:hi].rechunk({0: -1})
+
+
+def _with_recipe(array: da.Array, recipe: Callable[[int, int], da.Array]) -> da.Array:
+    setattr(array, _FRAMES_RECIPE, recipe)
+    return array
 
 
 def _times(ds: xr.Dataset, operation: str) -> np.ndarray:
@@ -124,7 +145,7 @@ def _along_time(
         if hi <= lo:
             pieces.append(da.full((wanted.size,) + data.shape[1:], np.nan, dtype=dtype, chunks=-1))
             continue
-        source = data[lo:hi].rechunk({0: -1})
+        source = _frames(data, lo, hi)
         pieces.append(
             source.map_blocks(
                 _apply_kernel,
@@ -275,19 +296,30 @@ def align(
             aligned = da.map_blocks(_apply_block, transforms, data, chunks=data.chunks, dtype=np.float32)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
-                mean = da.nanmean(aligned.astype(np.float64), axis=0)
-            transforms = _fit(data, mean, weights, scale)
-    local = da.map_blocks(_apply_block, transforms, data, chunks=data.chunks, dtype=np.float32)
-    mat = transforms.map_blocks(_rigid.invert_affine, dtype=np.float64)
-    motion = mat.map_blocks(
-        _rigid.decompose_affine, drop_axis=3, chunks=mat.chunks[:2] + ((len(_rigid.MOTION_PARAMS),),), dtype=np.float64
-    )
+                target = da.nanmean(aligned.astype(np.float64), axis=0)
+            transforms = _fit(data, target, weights, scale)
+    def fits(lo: int, hi: int) -> da.Array:  # the transforms of frames lo:hi only (same keys for v, mat, motion)
+        if reference == "mat":
+            return world[lo:hi].rechunk({0: -1}).map_blocks(_rigid.invert_affine, dtype=np.float64)
+        return _fit(data[lo:hi].rechunk({0: -1}), target, weights, scale)
+
+    def outputs(transforms: da.Array, points: da.Array) -> tuple[da.Array, da.Array, da.Array]:
+        local = da.map_blocks(_apply_block, transforms, points, chunks=points.chunks, dtype=np.float32)
+        mat = transforms.map_blocks(_rigid.invert_affine, dtype=np.float64)
+        motion = mat.map_blocks(
+            _rigid.decompose_affine, drop_axis=3, chunks=mat.chunks[:2] + ((len(_rigid.MOTION_PARAMS),),), dtype=np.float64
+        )
+        return local, mat.astype(np.float32), motion.astype(np.float32)
+
+    local, mat, motion = outputs(transforms, data)
+    for position, array in enumerate((local, mat, motion)):
+        _with_recipe(array, lambda lo, hi, p=position: outputs(fits(lo, hi), data[lo:hi].rechunk({0: -1}))[p])
     out = ds.copy()
     out["v"] = (v.dims, local, {**v.attrs, "space": "local"})
-    out["mat"] = (("time", "face", "row", "col"), mat.astype(np.float32), {"description": "local -> world affine"})
+    out["mat"] = (("time", "face", "row", "col"), mat, {"description": "local -> world affine"})
     out["motion"] = (
         ("time", "face", "motion_param"),
-        motion.astype(np.float32),
+        motion,
         {"description": "decomposition of mat: translation, rotation (degrees, extrinsic x-y-z), scale, shear"},
     )
     out = out.assign_coords(motion_param=list(_rigid.MOTION_PARAMS))

@@ -76,12 +76,19 @@ def _resample_columns(
 ) -> np.ndarray:
     """Resample ``values`` ``(time, column)`` whose valid rows are ``valid``."""
     left, right, weight, ok = brackets(source_times, valid, new_times, max_gap)
-    out = np.full((new_times.size, values.shape[1]), np.nan)
+    out = np.full((new_times.size, values.shape[1]), np.nan, dtype=values.dtype)
     if method == "linear" or not ok.any():
-        mixed = values[left] * (1 - weight)[:, None] + values[right] * weight[:, None]
-        out[ok] = mixed[ok]
+        if ok.any():
+            # only the rows that get a value, in the values' precision (no float64 copy of a float32 block)
+            mix = weight[ok].astype(values.dtype)[:, None]
+            low = values[left[ok]]
+            low *= 1 - mix
+            high = values[right[ok]]
+            high *= mix
+            low += high
+            out[ok] = low
         return out
-    times, kept = source_times[valid], values[valid]
+    times, kept = source_times[valid], values[valid].astype(np.float64)
     spline = PchipInterpolator if method == "pchip" else CubicSpline
     for segment in _segments(times, max_gap):
         inside = ok & (new_times >= times[segment][0]) & (new_times <= times[segment][-1])
@@ -97,20 +104,24 @@ def _resample_columns(
 def resample(
     source_times: np.ndarray, values: np.ndarray, new_times: np.ndarray, *, method: str = "linear", max_gap: float
 ) -> np.ndarray:
-    """Resample ``values`` ``(time, group, column)`` from ``source_times`` onto ``new_times`` (float64).
+    """Resample ``values`` ``(time, group, column)`` from ``source_times`` onto ``new_times`` (float32 values
+    give float32, anything else float64; splines are fitted in float64).
 
     New times outside the valid samples, or inside a NaN stretch spanning more than ``max_gap``
     seconds between valid samples, are NaN; the spline methods are fitted per stretch.
     """
-    values = np.asarray(values, dtype=np.float64)
+    values = np.asarray(values)
+    if values.dtype not in (np.float32, np.float64):
+        values = values.astype(np.float64)
     source_times = np.asarray(source_times, dtype=np.float64)
     new_times = np.asarray(new_times, dtype=np.float64)
-    out = np.full((new_times.size,) + values.shape[1:], np.nan)
+    out = np.full((new_times.size,) + values.shape[1:], np.nan, dtype=values.dtype)
     finite = np.isfinite(values)
     for group in range(values.shape[1]):
         valid = finite[:, group].all(axis=1)
         out[:, group] = _resample_columns(source_times, values[:, group], valid, new_times, method, max_gap)
-        partial = np.flatnonzero((finite[:, group] != valid[:, None]).any(axis=0))
+        # a column differs from its group's valid rows only where the group is not valid
+        partial = np.flatnonzero(finite[~valid, group].any(axis=0))
         for column in partial:
             single = values[:, group, column : column + 1]
             out[:, group, column] = _resample_columns(

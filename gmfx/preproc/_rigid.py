@@ -46,21 +46,22 @@ def fit_transforms(points: np.ndarray, reference: np.ndarray, weights: np.ndarra
     ``(..., 4, 4)`` affines ``M`` with ``M @ [p, 1] ~ [reference, 1]``; NaN where a weighted point or
     the reference is not finite.
     """
-    points = np.asarray(points, dtype=np.float64)
-    reference = np.broadcast_to(np.asarray(reference, dtype=np.float64), points.shape)
     used = np.asarray(weights, dtype=np.float64) > 0
     w = np.asarray(weights, dtype=np.float64)[used]
     w = w / w.sum()
-    x = points[..., used, :]
-    y = reference[..., used, :]
+    # only the weighted vertices are ever copied (and made float64); a shared reference stays unbroadcast
+    x = np.asarray(points)[..., used, :].astype(np.float64)
+    reference = np.asarray(reference)
+    y = reference[..., used, :].astype(np.float64)
     valid = np.isfinite(x).all(axis=(-2, -1)) & np.isfinite(y).all(axis=(-2, -1))
-    x = np.where(valid[..., None, None], x, 0.0)
-    y = np.where(valid[..., None, None], y, 0.0)
+    if not valid.all():
+        x = np.where(valid[..., None, None], x, 0.0)
+        y = np.where(valid[..., None, None], y, 0.0)
     mean_x = np.einsum("...vi,v->...i", x, w)
     mean_y = np.einsum("...vi,v->...i", y, w)
     xc = x - mean_x[..., None, :]
     yc = y - mean_y[..., None, :]
-    covariance = np.einsum("...vi,v,...vj->...ij", yc, w, xc)
+    covariance = np.matmul(np.swapaxes(yc * w[:, None], -1, -2), xc)
     u, d, vt = np.linalg.svd(covariance)
     sign = np.sign(np.linalg.det(u) * np.linalg.det(vt))
     sign[sign == 0] = 1.0
@@ -68,7 +69,7 @@ def fit_transforms(points: np.ndarray, reference: np.ndarray, weights: np.ndarra
     correction[..., 2] = sign
     rotation = np.einsum("...ij,...j,...jk->...ik", u, correction, vt)
     if scale:
-        variance = np.einsum("...vi,v,...vi->...", xc, w, xc)
+        variance = np.einsum("...vi,...vi->...", xc * w[:, None], xc)
         factor = (d * correction).sum(-1) / np.where(variance > 0, variance, np.nan)
     else:
         factor = np.ones(valid.shape)
@@ -88,9 +89,15 @@ def _assemble(linear: np.ndarray, translation: np.ndarray) -> np.ndarray:
 
 
 def apply_affine(matrices: np.ndarray, points: np.ndarray) -> np.ndarray:
-    """``(..., 4, 4)`` affines applied to ``(..., vertex, 3)`` points."""
+    """``(..., 4, 4)`` affines applied to ``(..., vertex, 3)`` points, in the points' float precision
+    (float32 points stay float32: no float64 copy of a whole block)."""
+    points = np.asarray(points)
+    dtype = points.dtype if points.dtype in (np.float32, np.float64) else np.float64
     matrices = np.asarray(matrices, dtype=np.float64)
-    return np.einsum("...ij,...vj->...vi", matrices[..., :3, :3], points) + matrices[..., None, :3, 3]
+    linear = matrices[..., :3, :3].astype(dtype)
+    out = np.matmul(points.astype(dtype, copy=False), np.swapaxes(linear, -1, -2))
+    out += matrices[..., None, :3, 3].astype(dtype)
+    return out
 
 
 def invert_affine(matrices: np.ndarray) -> np.ndarray:
