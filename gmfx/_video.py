@@ -378,8 +378,9 @@ def read_frame_times(frametimes: Location, video: Location, n_frames: int) -> np
     backwards = np.flatnonzero(np.diff(times) <= 0)
     if backwards.size:
         row = backwards[0] + 2
+        before, after = float(times[row - 2]), float(times[row - 1])
         raise FrameTimesError(
-            f"times do not increase at row {row} of column `t` ({float(times[row - 2])!r} then {float(times[row - 1])!r})",
+            f"times do not increase at row {row} of column `t` ({before!r} then {after!r})",
             where=frametimes.url,
             fix="frame times must increase strictly, one row per frame in order",
         )

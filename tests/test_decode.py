@@ -15,7 +15,7 @@ from distributed import Client
 import gmfx.stages.decode as decode_stage
 from gmfx._errors import FrameTimesError, IncompleteStoreError, ParameterError, StorageError, VideoError
 from gmfx.dataset import Recording, find_recordings
-from gmfx.stages.decode import decode, open_frames, plan_decode
+from gmfx.stages.decode import decode, default_chunk_frames, open_frames, plan_decode
 from gmfx.storage import Location, RegionStore, store_location
 from gmfx.testing._videos import write_bids_recording, write_video
 
@@ -97,7 +97,9 @@ def assert_store_equals_video(location: Location, recording: Recording, *, chunk
         ("times", 6, 12),
     ],
 )
-def test_stores_equal_a_sequential_decode_on_a_cluster(dask_client, dataset, tmp_path, task, chunk_frames, segment_frames):
+def test_stores_equal_a_sequential_decode_on_a_cluster(
+    dask_client, dataset, tmp_path, task, chunk_frames, segment_frames
+):
     selected = recordings(dataset, task)
     out = Location(str(tmp_path / "out"))
     stores = decode(
@@ -127,7 +129,8 @@ def test_dataset_on_s3_decoded_by_worker_processes(dask_client, s3_root):
     write_bids_recording(root, subject="01", task="s3", video=dict(n_frames=36, keyint=6, bframes=2))
     write_bids_recording(root, subject="02", task="s3", video=dict(n_frames=20, width=97, height=75, pix_fmt="yuv444p"))
     selected = find_recordings(root)
-    stores = decode(selected, s3_root.child("out"), client=dask_client, chunk_frames=8, segment_frames=16, progress=False)
+    out = s3_root.child("out")
+    stores = decode(selected, out, client=dask_client, chunk_frames=8, segment_frames=16, progress=False)
     for store, recording in zip(stores, selected):
         assert store.url.startswith("s3://")
         assert_store_equals_video(store, recording, chunk_frames=8)
@@ -149,7 +152,8 @@ def test_downscaled_store(dataset, tmp_path):
     with dask.config.set(scheduler="synchronous"):
         ds = open_frames(store).load()
     assert ds["frames"].shape == (72, 90, 160, 3)
-    assert (ds.attrs["width"], ds.attrs["height"], ds.attrs["source_width"], ds.attrs["source_height"]) == (160, 90, 640, 360)
+    sizes = [ds.attrs[name] for name in ("width", "height", "source_width", "source_height")]
+    assert sizes == [160, 90, 640, 360]
     with av.open(recording.video.url) as container:
         first = next(container.decode(video=0)).to_ndarray(format="rgb24", width=160, height=90, interpolation="AREA")
     np.testing.assert_array_equal(ds["frames"][0].values, first)
@@ -275,6 +279,14 @@ def test_unwritable_output_is_a_storage_error(dataset, tmp_path):
     with pytest.raises(StorageError) as error:
         plan_decode(recording, out)
     assert str(tmp_path / "file" / "out") in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "frames"), [(640, 360, 64), (1920, 1080, 10), (3840, 2160, 2), (16000, 16000, 1), (64, 48, 64)]
+)
+def test_default_chunk_frames_stay_under_64_mib(width, height, frames):
+    assert default_chunk_frames(width, height) == frames
+    assert frames == 1 or frames * width * height * 3 <= 64 * 2**20
 
 
 @pytest.mark.parametrize("option", ["chunk_frames", "segment_frames", "max_size"])

@@ -7,12 +7,14 @@ import uuid
 
 import av
 import numpy as np
+import pandas as pd
 import pytest
 
 from gmfx._errors import FrameTimesError, VideoError
 from gmfx._video import decode_segment, index_video, iter_segment, output_size, read_frame_times
+from gmfx.dataset import find_recordings
 from gmfx.storage import Location
-from gmfx.testing._videos import frame_pattern, read_frame_number, write_video
+from gmfx.testing._videos import frame_pattern, read_frame_number, write_bids_recording, write_video
 
 VFR_TIMES = np.cumsum(np.r_[0.25, np.random.default_rng(7).uniform(0.005, 0.12, 44)])
 
@@ -300,3 +302,21 @@ def test_bad_frame_times(tmp_path, text, n, words):
     with pytest.raises(FrameTimesError) as error:
         read_frame_times(location, VIDEO, n)
     assert_names(error, location, *words)
+
+
+# -- test-data writers -----------------------------------------------------------------------------
+def test_bids_recording_writer_makes_a_discoverable_recording():
+    root = Location(f"memory://gmfx-bids-{uuid.uuid4().hex[:8]}/study")
+    events = pd.DataFrame({"onset": [0.5, 1.5], "duration": [0.2, 0.2], "trial_type": ["a", "b"]})
+    times = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]
+    video = write_bids_recording(
+        root, subject="01", session="2", task="mini", run="3", video=dict(n_frames=6), frametimes=times, events=events
+    )
+    (recording,) = find_recordings(root)
+    assert video.filesystem()[1] == recording.video.filesystem()[1]
+    assert recording.name == "sub-01_ses-2_task-mini_run-3"
+    assert recording.video.url.endswith("sub-01/ses-2/sub-01_ses-2_task-mini_run-3_video.mp4")
+    index = index_video(recording.video)
+    np.testing.assert_array_equal(read_frame_times(recording.frametimes, recording.video, index.n_frames), times)
+    with recording.events.open() as handle:
+        pd.testing.assert_frame_equal(pd.read_csv(handle, sep="\t"), events)

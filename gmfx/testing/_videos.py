@@ -190,7 +190,10 @@ def write_bids_recording(
         data = video if isinstance(video, bytes) else pathlib.Path(video).read_bytes()
         fs.pipe_file(posixpath.join(folder_path, target.name), data)
     if frametimes is not None:
-        text = frametimes if isinstance(frametimes, str) else "t\n" + "".join(f"{t!r}\n" for t in map(float, frametimes))
+        if isinstance(frametimes, str):
+            text = frametimes
+        else:
+            text = "t\n" + "".join(f"{t!r}\n" for t in map(float, frametimes))
         fs.pipe_file(posixpath.join(folder_path, f"{name}_frametimes.tsv"), text.encode())
     if events is not None:
         text = events if isinstance(events, str) else events.to_csv(sep="\t", index=False, na_rep="n/a")
