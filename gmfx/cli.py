@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from gmfx._errors import GmfxError
-from gmfx.storage import Location, default_output, parse_storage_options, redact
+from gmfx.storage import Location, default_output, parse_key_values, parse_storage_options, redact
 
 app = typer.Typer(
     name="gmfx",
@@ -238,6 +238,10 @@ def recon(
     segment_frames: Annotated[
         int, typer.Option(min=1, metavar="N", help="Frames each task reconstructs (rounded to whole frames chunks).")
     ] = 256,
+    model_option: Annotated[
+        list[str] | None,
+        typer.Option(metavar="KEY=VALUE", help="Option for the model, e.g. min_detection_confidence=0.3; repeatable."),
+    ] = None,
 ) -> None:
     """Reconstruct a 3D face mesh per frame and face (decoding the videos first when needed).
 
@@ -263,6 +267,7 @@ def recon(
                 batch_size=batch_size,
                 max_faces=max_faces,
                 segment_frames=segment_frames,
+                model_options=parse_key_values(model_option, where="--model-option"),
                 overwrite=sel.overwrite,
                 progress=sel.progress,
             )
@@ -548,8 +553,9 @@ def models() -> None:
         except GmfxError as error:
             typer.echo(f"{name}: cannot be loaded ({error.what})")
             continue
-        where = "GPU" if backend.requires_gpu else "CPU or GPU"
-        typer.echo(f"{name}: {backend.topology().n_vertices} vertices, runs on {where}")
+        devices = "/".join(backend.devices) + (" (GPU required)" if backend.requires_gpu else "")
+        codes = ", ".join(f"{code} ({size})" for code, size in backend.outputs.codes.items()) or "none"
+        typer.echo(f"{name} (version {backend.version}): {backend.topology().n_vertices} vertices, devices {devices}, codes {codes}")
 
 
 @app.command()

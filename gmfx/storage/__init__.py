@@ -1,7 +1,7 @@
 """Storage layer: locations (local, memory://, s3://), derivatives layout, region writes."""
 
 from gmfx.storage._layout import STORE_SUFFIXES, default_output, store_location, write_dataset_description
-from gmfx.storage._location import Location, join_url, parse_storage_options, redact
+from gmfx.storage._location import Location, join_url, parse_key_values, parse_storage_options, redact
 from gmfx.storage._regions import RegionStore, open_dataset
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "default_output",
     "join_url",
     "open_dataset",
+    "parse_key_values",
     "parse_storage_options",
     "redact",
     "store_location",

@@ -10,7 +10,7 @@ from typing import Any
 
 import fsspec
 
-__all__ = ["Location", "join_url", "parse_storage_options", "redact"]
+__all__ = ["Location", "join_url", "parse_key_values", "parse_storage_options", "redact"]
 
 
 def _is_local(url: str) -> bool:
@@ -78,7 +78,12 @@ class Location:
 
 
 def parse_storage_options(pairs: list[str] | None) -> dict[str, Any]:
-    """Turn ``KEY=VALUE`` strings into storage options.
+    """Turn ``KEY=VALUE`` strings into storage options (see :func:`parse_key_values`)."""
+    return parse_key_values(pairs, where="--storage-option")
+
+
+def parse_key_values(pairs: list[str] | None, *, where: str) -> dict[str, Any]:
+    """Turn ``KEY=VALUE`` strings into a dict of options.
 
     Dotted keys nest (``client_kwargs.endpoint_url=http://...``); ``true``/``false``/numbers are
     converted.
@@ -90,9 +95,9 @@ def parse_storage_options(pairs: list[str] | None) -> dict[str, Any]:
         key, sep, raw = pair.partition("=")
         if not sep or not key:
             raise ParameterError(
-                f"storage option {pair.split('=')[0]!r} has no value",
-                where="--storage-option",
-                fix="write it as KEY=VALUE, e.g. --storage-option anon=true",
+                f"option {pair.split('=')[0]!r} has no value",
+                where=where,
+                fix=f"write it as KEY=VALUE, e.g. {where} name=value",
             )
         value: Any = raw
         if raw.lower() in {"true", "false"}:
