@@ -239,6 +239,13 @@ def test_epoch_baseline_and_event_errors(tmp_path):
     with pytest.raises(EventsError, match="no 'onset' column") as info:
         epoch(ds, bad)
     assert str(bad) in str(info.value)
+    empty = tmp_path / "y_events.tsv"
+    empty.write_text("onset\tduration\ttrial_type\n")
+    with pytest.raises(EventsError, match="has no events") as info:
+        epoch(ds, empty)
+    assert str(empty) in str(info.value)
+    with pytest.raises(EventsError, match="has no events"):
+        epoch(ds, events.iloc[:0])
     with pytest.raises(ParameterError, match="baseline window"):
         epoch(ds, events, start=0.1, end=0.5, baseline="mean")
 

@@ -1,5 +1,7 @@
 """The preproc and epochs stages: stores on local disk and S3, on a real Dask cluster, resumable."""
 
+import warnings
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -9,8 +11,6 @@ from gmfx.dataset import Recording
 from gmfx.stages.preproc import chain, epochs, preproc, run_chain
 from gmfx.storage import Location, RegionStore, open_dataset, store_location
 from gmfx.testing._synthetic import synthetic_face, write_synthetic_recon
-
-pytestmark = pytest.mark.filterwarnings("ignore:The data type")
 
 FACE = synthetic_face(240, n_vertices=50, time_jitter=0.2, gaps=((40, 44), (100, 130)), seed=11)
 FILTER = {"highpass": 0.2, "lowpass": 5.0, "order": 3}
@@ -104,3 +104,34 @@ def test_epochs_without_events_file_is_an_events_error(tmp_path):
     with pytest.raises(EventsError, match="no events file") as info:
         epochs([recording], root.child("out"), progress=False)
     assert "sub-01_task-faces_events.tsv" in str(info.value)
+
+
+def test_string_coordinates_are_written_without_zarr_warnings_and_read_back(tmp_path):
+    root = Location(str(tmp_path / "bids"))
+    recording = _recording(root)
+    out = root.child("out")
+    _write_recon(out, recording)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        (location,) = preproc([recording], out, filter=FILTER, progress=False)
+        (epoch_location,) = epochs([recording], out, start=-0.2, end=0.5, progress=False)
+    unstable = [str(w.message) for w in caught if "specification" in str(w.message) or "UTF32" in str(w.message)]
+    assert not unstable
+    written, cut = open_dataset(location, stage="preproc"), open_dataset(epoch_location, stage="epoch")
+    assert list(written.coord.values) == ["x", "y", "z"]
+    assert list(written.motion_param.values)[:3] == ["tx", "ty", "tz"]
+    assert list(cut.trial_type.values) == ["smile", "frown"] and list(cut.coord.values) == ["x", "y", "z"]
+
+
+def test_epochs_with_an_events_file_without_rows_is_an_events_error(tmp_path):
+    root = Location(str(tmp_path / "bids"))
+    recording = _recording(root)
+    out = root.child("out")
+    _write_recon(out, recording)
+    preproc([recording], out, filter=False, interpolate=False, progress=False)
+    with recording.events.open("wb") as handle:
+        handle.write(b"onset\tduration\ttrial_type\n")
+    with pytest.raises(EventsError, match="no events") as info:
+        epochs([recording], out, progress=False)
+    assert "sub-01_task-faces_events.tsv" in str(info.value)
+    assert "add one row per event" in str(info.value)

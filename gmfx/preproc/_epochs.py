@@ -21,7 +21,7 @@ def read_events(source: pd.DataFrame | str | os.PathLike | Location) -> pd.DataF
     Raises
     ------
     EventsError
-        The file cannot be read, or ``onset``/``duration`` are missing or not numbers.
+        The file cannot be read, has no event rows, or ``onset``/``duration`` are missing or not numbers.
     """
     if isinstance(source, pd.DataFrame):
         table, where = source.copy(), "the events table given"
@@ -58,6 +58,13 @@ def read_events(source: pd.DataFrame | str | os.PathLike | Location) -> pd.DataF
                 fix=f"give every event's {column} in seconds" + ("" if column == "onset" else " (or n/a)"),
             )
         table[column] = numbers.astype(float)
+    if table.empty:
+        raise EventsError(
+            f"the events table has no events (a header with columns {', '.join(map(str, table.columns))}, but no rows)",
+            where=where,
+            fix="add one row per event (onset and duration in seconds, tab-separated), or leave this recording "
+            "out of the epoch stage",
+        )
     return table.reset_index(drop=True)
 
 

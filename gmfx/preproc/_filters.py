@@ -96,7 +96,7 @@ if numba is not None:
 def sosfilt(sos: np.ndarray, x: np.ndarray, *, zi: np.ndarray) -> np.ndarray:
     """``scipy.signal.sosfilt(sos, x, axis=0, zi=zi)[0]`` for ``x`` ``(time, column)``, ``zi`` ``(section, 2, column)``."""
     if numba is None:
-        return signal.sosfilt(sos, x, axis=0, zi=zi)[0]
+        return signal.sosfilt(sos, np.asarray(x, dtype=np.float64), axis=0, zi=zi)[0]
     out = np.array(x, dtype=np.float64, order="C")
     _sos_run(np.ascontiguousarray(sos, dtype=np.float64), out, np.array(zi, dtype=np.float64, order="C"), False)
     return out
@@ -108,7 +108,7 @@ def sosfiltfilt(sos: np.ndarray, x: np.ndarray) -> np.ndarray:
     Same recurrence and padding as SciPy, in one float64 buffer filtered forward then backward in place.
     """
     if numba is None:
-        return signal.sosfiltfilt(sos, x, axis=0)
+        return signal.sosfiltfilt(sos, np.asarray(x, dtype=np.float64), axis=0)
     sos = np.ascontiguousarray(sos, dtype=np.float64)
     edge = padding_samples(sos)
     n = x.shape[0]
@@ -146,8 +146,10 @@ def filter_series(
     the stretch's first sample. A stretch too short for ``sosfiltfilt``'s padding raises a
     :class:`ParameterError` (``on_short="error"``) or is set to NaN (``on_short="nan"``).
     """
-    values = np.asarray(values, dtype=np.float64)
-    out = np.full(values.shape, np.nan)
+    values = np.asarray(values)
+    if values.dtype not in (np.float32, np.float64):
+        values = values.astype(np.float64)
+    out = np.full(values.shape, np.nan)  # each stretch is filtered in float64 (a copy of the stretch only)
     need = 1 if causal else padding_samples(sos) + 1
     finite = np.isfinite(values)
     steady = signal.sosfilt_zi(sos)
