@@ -7,7 +7,7 @@ from ``_frametimes.tsv`` when present, else the container's pts) and ``frame`` (
 Planning indexes each video (demux only), checks its frame times and writes the store's template with
 the coordinates. Each task then decodes one *segment* (whole chunks) and writes it chunk by chunk while
 decoding the next chunk, so a task holds about three chunks in memory however long its segment is; once
-every chunk is in, :meth:`RegionStore.write_region` records the region as done.
+every chunk is in, :meth:`RegionStore.mark_done` records the region as done.
 
 Defaults, from measurements on 640x360 video (``benchmarks/decode.py``):
 
@@ -186,7 +186,7 @@ def decode_region(
             start += len(batch)
         for future in pending:
             future.result()
-    store.write_region(region.index, region.slice, {})  # every chunk is in: only record the marker
+    store.mark_done(region.index)
     return len(region)
 
 
