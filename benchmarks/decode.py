@@ -113,6 +113,8 @@ def main() -> None:
                 for _ in range(args.repeat)
             )
     stored_per_frame = stored_bytes(WORK / f"out_{args.workers[0]}") / n
+    for workers in args.workers:
+        shutil.rmtree(WORK / f"out_{workers}")  # hundreds of MB each
 
     baseline = results["plain PyAV loop"][0]
     print(f"video: {n} frames 640x360, {source_per_frame / 1e3:.1f} kB/frame in the source file")
