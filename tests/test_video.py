@@ -110,6 +110,21 @@ def test_segments_equal_sequential_decode(videos, reference, name, split):
         np.testing.assert_array_equal(times, index.times[start:stop])
 
 
+def test_a_seek_that_overshoots_falls_back_to_decoding_from_the_start(videos, reference, monkeypatch):
+    import gmfx._video
+
+    index = index_video(videos["gop_bframes.mp4"])
+    # every seek target at the last frame: a seek lands after the segment's first frame
+    late = np.full_like(index.keyframe_seek, index.pts[-1])
+    overshooting = type(index)(**{**index.__dict__, "keyframe_seek": late})
+    targets = []
+    decoded_from = gmfx._video._decoded_from
+    monkeypatch.setattr(gmfx._video, "_decoded_from", lambda *args: targets.append(args[3]) or decoded_from(*args))
+    frames, _ = decode_segment(videos["gop_bframes.mp4"], overshooting, 20, 31)
+    np.testing.assert_array_equal(frames, reference["gop_bframes.mp4"][1][20:31])
+    assert targets == [index.pts[-1], None]
+
+
 @pytest.mark.parametrize("name", GENERATED)
 def test_decoded_frames_show_their_own_number(videos, name):
     index = index_video(videos[name])
