@@ -46,6 +46,8 @@ class VideoIndex:
     ----------
     source
         URL or path of the video.
+    size
+        Size of the file in bytes.
     codec
         Name of the video codec (``h264``, ...).
     width, height
@@ -61,6 +63,7 @@ class VideoIndex:
     """
 
     source: str
+    size: int
     codec: str
     width: int
     height: int
@@ -80,8 +83,11 @@ class VideoIndex:
 
 
 @contextlib.contextmanager
-def _open_container(location: Location) -> Iterator[av.container.InputContainer]:
-    """Open ``location`` with PyAV (through fsspec when it is not local); map failures to VideoError."""
+def _open_container(location: Location) -> Iterator[tuple[av.container.InputContainer, int]]:
+    """Open ``location`` with PyAV (through fsspec when it is not local); yield it and the file's size.
+
+    Failures to open become :class:`VideoError`.
+    """
     fs, path = location.filesystem()
     try:
         size = fs.size(path)
@@ -112,7 +118,7 @@ def _open_container(location: Location) -> Iterator[av.container.InputContainer]
                 where=location.url,
                 fix="give a file that contains video (this one may be audio only)",
             )
-        yield container
+        yield container, size
 
 
 def index_video(location: Location) -> VideoIndex:
@@ -124,7 +130,7 @@ def index_video(location: Location) -> VideoIndex:
         The file is missing, empty, not a video, has no video stream, has packets without
         timestamps, or holds fewer packets than its container declares (truncated).
     """
-    with _open_container(location) as container:
+    with _open_container(location) as (container, size):
         stream = container.streams.video[0]
         if not stream.codec_context.width or not stream.codec_context.height:
             raise VideoError(
@@ -181,6 +187,7 @@ def index_video(location: Location) -> VideoIndex:
         codec = stream.codec_context
         return VideoIndex(
             source=location.url,
+            size=size,
             codec=codec.name,
             width=codec.width,
             height=codec.height,
@@ -271,7 +278,7 @@ def _decoded_from(
     location: Location, index: VideoIndex, start: int, target: int | None, threads: int
 ) -> Iterator[Iterator[av.VideoFrame]]:
     """Decoded frames from ``target`` on (the beginning when ``None``), skipping those before frame ``start``."""
-    with _open_container(location) as container:
+    with _open_container(location) as (container, _):
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         stream.codec_context.thread_count = threads

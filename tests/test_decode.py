@@ -228,6 +228,17 @@ def test_other_parameters_need_overwrite(dataset, tmp_path):
     assert_store_equals_video(store, recording, chunk_frames=4)
 
 
+def test_a_replaced_video_is_not_taken_for_the_decoded_one(tmp_path):
+    root = Location(str(tmp_path / "bids"))
+    write_bids_recording(root, subject="01", task="x", video=dict(n_frames=12, crf=18))
+    (recording,) = find_recordings(root)
+    out = Location(str(tmp_path / "out"))
+    plan_decode(recording, out)
+    write_video(recording.video, n_frames=12, crf=30)  # same frames and times, other bytes
+    with pytest.raises(StorageError, match="other inputs or parameters"):
+        plan_decode(recording, out)
+
+
 # -- bad input -------------------------------------------------------------------------------------
 def test_corrupted_video_fails_and_nothing_is_complete(tmp_path):
     good = write_video(tmp_path / "good.mp4", n_frames=48, keyint=8, bframes=2)

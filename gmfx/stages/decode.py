@@ -122,6 +122,7 @@ def plan_decode(
     }
     plan = {
         "source": recording.video.url,
+        "source_bytes": index.size,
         "source_pts": _digest(index.pts.tobytes()),
         "frame_times_source": attrs["frame_times_source"],
         "frame_times": _digest(times.tobytes()),
