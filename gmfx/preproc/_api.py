@@ -71,12 +71,16 @@ def _require(ds: xr.Dataset, name: str, dims: tuple[str, ...], operation: str) -
     return ds[name]
 
 
-def _dask(array: xr.DataArray, time_chunk: int | None = None) -> da.Array:
-    """The array's Dask data, time first, with every axis but time in one chunk."""
+def _dask(array: xr.DataArray, time_chunk: int | None = None, chunks: dict[int, int] | None = None) -> da.Array:
+    """The array's Dask data, time first, with every axis but time in one chunk (or as ``chunks`` says).
+
+    One rechunk to the final chunks: two in a row would make every final block depend on every block
+    of the intermediate chunking (e.g. a vertex block over the whole time axis would read all vertices).
+    """
     data = array.data
     if not isinstance(data, da.Array):
         data = da.from_array(data, chunks=(time_chunk or data.shape[0],) + data.shape[1:])
-    return data.rechunk({axis: -1 for axis in range(1, data.ndim)})
+    return data.rechunk({**{axis: -1 for axis in range(1, data.ndim)}, **(chunks or {})})
 
 
 def _frames(data: da.Array, lo: int, hi: int) -> da.Array:
@@ -162,7 +166,7 @@ def _along_time(
 
 def _apply_kernel(block: np.ndarray, kernel, source_times, new_times, dtype) -> np.ndarray:
     out = kernel(source_times, _as_groups(block), new_times)
-    return out.reshape((new_times.size,) + block.shape[1:]).astype(dtype)
+    return out.reshape((new_times.size,) + block.shape[1:]).astype(dtype, copy=False)
 
 
 # -- align ----------------------------------------------------------------------------------------
@@ -414,8 +418,8 @@ def _even_rate(ds: xr.Dataset) -> float:
 
 
 def _filter_block(block: np.ndarray, *, sos, causal, times, on_short, where) -> np.ndarray:
-    out = _filters.filter_series(_as_groups(block), sos, causal=causal, times=times, on_short=on_short, where=where)
-    return out.reshape(block.shape).astype(block.dtype)
+    out = _filters.filter_series(_as_groups(block), sos, causal=causal, times=times, on_short=on_short, where=where, dtype=block.dtype)
+    return out.reshape(block.shape).astype(block.dtype, copy=False)
 
 
 def filter(  # noqa: A001 - the public name mirrors the operation
@@ -463,11 +467,11 @@ def filter(  # noqa: A001 - the public name mirrors the operation
     n_time, n_face = v.shape[:2]
     if vertex_chunk is None:
         vertex_chunk = max(1, _FILTER_BLOCK_BYTES // (n_time * n_face * v.shape[3] * 8))
-    data = _dask(v).rechunk({0: -1, 2: vertex_chunk})
+    data = _dask(v, chunks={0: -1, 2: vertex_chunk})
     out = ds.copy()
     out["v"] = (v.dims, data.map_blocks(_filter_block, where="variable 'v'", dtype=data.dtype, **kwargs), v.attrs)
     if "motion" in ds.data_vars:
-        motion = _dask(ds["motion"]).rechunk({0: -1})
+        motion = _dask(ds["motion"], chunks={0: -1})
         out["motion"] = (ds["motion"].dims, motion.map_blocks(_filter_block, where="variable 'motion'", dtype=motion.dtype, **kwargs), ds["motion"].attrs)
     parameters = {"highpass": highpass, "lowpass": lowpass, "order": order, "causal": causal, "on_short": on_short, "design": design}
     return _with_history(out, "filter", parameters)

@@ -139,8 +139,10 @@ def filter_series(
     times: np.ndarray | None = None,
     on_short: str = "error",
     where: str = "",
+    dtype=np.float64,
 ) -> np.ndarray:
-    """Filter ``values`` ``(time, group, column)`` along time, each valid stretch on its own (float64).
+    """Filter ``values`` ``(time, group, column)`` along time, each valid stretch on its own (in float64;
+    the result has ``dtype``).
 
     Zero-phase ``sosfiltfilt`` by default; ``causal`` uses ``sosfilt`` started from the steady state of
     the stretch's first sample. A stretch too short for ``sosfiltfilt``'s padding raises a
@@ -149,7 +151,7 @@ def filter_series(
     values = np.asarray(values)
     if values.dtype not in (np.float32, np.float64):
         values = values.astype(np.float64)
-    out = np.full(values.shape, np.nan)  # each stretch is filtered in float64 (a copy of the stretch only)
+    out = np.full(values.shape, np.nan, dtype=dtype)  # each stretch is filtered in float64 (a copy of the stretch only)
     need = 1 if causal else padding_samples(sos) + 1
     finite = np.isfinite(values)
     steady = signal.sosfilt_zi(sos)

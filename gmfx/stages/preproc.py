@@ -38,6 +38,7 @@ from dask.highlevelgraph import HighLevelGraph
 import xarray as xr
 import zarr
 from distributed import Client
+from zarr.codecs import BloscCodec
 
 from gmfx import preproc as ops
 from gmfx._errors import EventsError
@@ -55,6 +56,9 @@ EPOCH_STAGE = Stage(name="epoch", reads=("preproc",), writes=("epoch",))
 _BLOCK_BYTES = 48 * 2**20
 #: codecs of the scratch store: written once, read once, deleted; float noise barely compresses
 _SCRATCH_ENCODING = {"compressors": None}
+#: codecs of float time series in result stores: byte-shuffled LZ4 packs float32 vertices to ~84% at
+#: several times the speed of zarr's default zstd (~91%), writing and reading
+_FLOAT_ENCODING = {"compressors": [BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")]}
 #: epochs per region of an epochs store
 _EPOCHS_PER_REGION = 16
 
@@ -109,6 +113,12 @@ def _portable_strings(array: xr.DataArray) -> xr.DataArray:
     return array.astype(object) if array.dtype.kind == "U" else array
 
 
+def _encoding(ds: xr.Dataset, timed: Sequence[str], *, scratch: bool = False) -> dict[str, dict]:
+    if scratch:
+        return {name: dict(_SCRATCH_ENCODING) for name in timed}
+    return {name: dict(_FLOAT_ENCODING) for name in timed if ds[name].dtype.kind == "f"}
+
+
 def _write_region(location: Location, stage: str, index: int, start: int, stop: int, graph: bytes) -> int:
     """Compute the pickled arrays of one region and write them (a task)."""
     arrays = cloudpickle.loads(graph)
@@ -158,7 +168,7 @@ def plan_lazy(
     plan = {"regions": len(regions), "source": source, "history": ds.attrs.get("gmfx_history", []), "chunk": chunk,
             "vertex_chunk": vertex_chunk}  # fmt: skip
     store = RegionStore(location, stage)
-    encoding = {name: dict(_SCRATCH_ENCODING) for name in timed} if scratch else None
+    encoding = _encoding(ds, timed, scratch=scratch)
     done = store.prepare(_template(ds, chunk, vertex_chunk), plan=plan, overwrite=overwrite, encoding=encoding)
     arrays = {name: ds[name].data.rechunk({0: chunk}) for name in timed}
     token = _token({**plan, "url": location.url})
@@ -185,7 +195,7 @@ def _plan_filtered(
     plan = {"regions": len(blocks) + 1, "source": source, "history": filtered.attrs.get("gmfx_history", []),
             "chunk": chunk, "vertex_chunk": vertex_chunk, "layout": "vertex-blocks"}  # fmt: skip
     store = RegionStore(location, "preproc")
-    done = store.prepare(_template(filtered, chunk, vertex_chunk), plan=plan, overwrite=overwrite)
+    done = store.prepare(_template(filtered, chunk, vertex_chunk), plan=plan, overwrite=overwrite, encoding=_encoding(filtered, timed))
     token = _token({**plan, "url": location.url})
     v = filtered["v"].data
     tasks = [
