@@ -60,7 +60,8 @@ def run_tasks(
     index = {future.key: i for i, future in enumerate(futures)}
     results: list = [None] * len(tasks)
     total = sum(task.weight for task in tasks)
-    with progress_bar(enabled=progress) as bar:
+    # as_completed looks up the current client: make it ours, even when it is not the default one
+    with client.as_current(), progress_bar(enabled=progress) as bar:
         handle = bar.add_task(description, total=total)
         for future in as_completed(futures):
             i = index[future.key]

@@ -46,11 +46,15 @@ def any_root(request, tmp_path) -> Location:
 
 @pytest.fixture(scope="session")
 def dask_client():
-    """A real local distributed cluster with two single-threaded worker processes."""
+    """A real local distributed cluster with two single-threaded worker processes.
+
+    It is not made the default scheduler: lazy reads in tests (e.g. of per-process ``memory://``
+    stores) keep running in the test process unless a test passes this client explicitly.
+    """
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
-        with Client(cluster) as client:
+        with Client(cluster, set_as_default=False) as client:
             yield client
 
 
