@@ -118,7 +118,9 @@ class RegionStore:
         def write() -> None:
             group = self._group("r+")
             for name, values in arrays.items():
-                array = group[name]
+                # every chunk is written as it is: zarr's scan for all-fill-value chunks costs more
+                # than compressing them (measured ~2 ms per 640x360 frame)
+                array = group[name].with_config({"write_empty_chunks": True})
                 array[(time,) + (slice(None),) * (array.ndim - 1)] = np.asarray(values, dtype=array.dtype)
             self._mark(index)
 
