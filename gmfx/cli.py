@@ -7,9 +7,12 @@ options, cluster, resume/overwrite) and calls the stage function of the same nam
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 import sys
-from collections.abc import Iterator
+import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -160,21 +163,52 @@ def _session(
         raise typer.Exit(130) from None
 
 
+#: the options every dataset command takes, in the order --help shows them
+_SHARED_OPTIONS: list[tuple[str, Any, Any]] = [
+    ("input", InputArg, inspect.Parameter.empty),
+    ("participant_label", ParticipantOpt, None),
+    ("task", TaskOpt, None),
+    ("out", OutOpt, None),
+    ("storage_option", StorageOpt, None),
+    ("scheduler", SchedulerOpt, None),
+    ("workers", WorkersOpt, None),
+    ("overwrite", OverwriteOpt, False),
+    ("progress", ProgressOpt, True),
+    ("verbose", VerboseOpt, False),
+]
+
+
+def dataset_command(function: Callable[..., None]) -> Callable[..., None]:
+    """Register ``function(selection, **own_options)`` as a command taking the shared dataset options too.
+
+    The command's signature is the shared options followed by the function's own; the shared ones are
+    parsed into a :class:`Selection` inside :func:`_session`, which turns failures into a message and
+    a non-zero exit.
+    """
+    hints = typing.get_type_hints(function, include_extras=True)
+    own = [p.replace(annotation=hints[p.name]) for p in list(inspect.signature(function).parameters.values())[1:]]
+    shared = [
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=annotation)
+        for name, annotation, default in _SHARED_OPTIONS
+    ]
+
+    @functools.wraps(function)
+    def command(**options: Any) -> None:
+        with _session(**{name: options.pop(name) for name, _, _ in _SHARED_OPTIONS}) as selection:
+            function(selection, **options)
+
+    command.__signature__ = inspect.Signature(shared + own)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in shared + own}
+    del command.__wrapped__  # typer must read the signature above, not the function's
+    return app.command(name=function.__name__.rstrip("_"))(command)
+
+
 # -- commands ----------------------------------------------------------------------------------------
-@app.command()
+@dataset_command
 def decode(
-    input: InputArg,
-    participant_label: ParticipantOpt = None,
-    task: TaskOpt = None,
-    out: OutOpt = None,
-    storage_option: StorageOpt = None,
-    scheduler: SchedulerOpt = None,
-    workers: WorkersOpt = None,
-    overwrite: OverwriteOpt = False,
-    progress: ProgressOpt = True,
-    verbose: VerboseOpt = False,
-    chunk_frames: Annotated[int | None, typer.Option(min=1, metavar="N", help="Frames per Zarr chunk [default: about 32 MB a chunk].")] = None,
-    segment_frames: Annotated[int | None, typer.Option(min=1, metavar="N", help="Frames each task decodes [default: a few chunks].")] = None,
+    sel: Selection,
+    chunk_frames: Annotated[int | None, typer.Option(min=1, metavar="N", help="Frames per Zarr chunk [default: 64, fewer when 64 frames exceed 64 MiB].")] = None,
+    segment_frames: Annotated[int | None, typer.Option(min=1, metavar="N", help="Frames each task decodes, in whole chunks [default: about 512].")] = None,
     max_size: Annotated[int | None, typer.Option(min=8, metavar="PIXELS", help="Downscale so the longest side is at most this many pixels.")] = None,
 ) -> None:
     """Decode every video into a chunked Zarr store of frames with exact per-frame times.
@@ -189,20 +223,19 @@ def decode(
     """
     from gmfx.stages.decode import decode as run_decode
 
-    with _session(input, participant_label, task, out, storage_option, scheduler, workers, overwrite, progress, verbose) as sel:
-        recordings = sel.recordings()
-        with sel.client() as client:
-            stores = run_decode(
-                recordings,
-                sel.out,
-                client=client,
-                chunk_frames=chunk_frames,
-                segment_frames=segment_frames,
-                max_size=max_size,
-                overwrite=sel.overwrite,
-                progress=sel.progress,
-            )
-        _print_outputs(stores)
+    recordings = sel.recordings()
+    with sel.client() as client:
+        stores = run_decode(
+            recordings,
+            sel.out,
+            client=client,
+            chunk_frames=chunk_frames,
+            segment_frames=segment_frames,
+            max_size=max_size,
+            overwrite=sel.overwrite,
+            progress=sel.progress,
+        )
+    _print_outputs(stores)
 
 
 def _print_outputs(stores) -> None:
@@ -219,18 +252,9 @@ def _local_gpus(selection: Selection, device: str) -> int:
     return local_gpu_count()
 
 
-@app.command()
+@dataset_command
 def recon(
-    input: InputArg,
-    participant_label: ParticipantOpt = None,
-    task: TaskOpt = None,
-    out: OutOpt = None,
-    storage_option: StorageOpt = None,
-    scheduler: SchedulerOpt = None,
-    workers: WorkersOpt = None,
-    overwrite: OverwriteOpt = False,
-    progress: ProgressOpt = True,
-    verbose: VerboseOpt = False,
+    sel: Selection,
     model: ModelOpt = "mediapipe",
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = None,
@@ -255,37 +279,27 @@ def recon(
     """
     from gmfx.stages.recon import recon as run_recon
 
-    with _session(input, participant_label, task, out, storage_option, scheduler, workers, overwrite, progress, verbose) as sel:
-        recordings = sel.recordings()
-        with sel.client(gpus=_local_gpus(sel, device)) as client:
-            stores = run_recon(
-                recordings,
-                sel.out,
-                client=client,
-                model=model,
-                device=device.lower(),
-                batch_size=batch_size,
-                max_faces=max_faces,
-                segment_frames=segment_frames,
-                model_options=parse_key_values(model_option, where="--model-option"),
-                overwrite=sel.overwrite,
-                progress=sel.progress,
-            )
-        _print_outputs(stores)
+    recordings = sel.recordings()
+    with sel.client(gpus=_local_gpus(sel, device)) as client:
+        stores = run_recon(
+            recordings,
+            sel.out,
+            client=client,
+            model=model,
+            device=device.lower(),
+            batch_size=batch_size,
+            max_faces=max_faces,
+            segment_frames=segment_frames,
+            model_options=parse_key_values(model_option, where="--model-option"),
+            overwrite=sel.overwrite,
+            progress=sel.progress,
+        )
+    _print_outputs(stores)
 
 
-@app.command()
+@dataset_command
 def run(
-    input: InputArg,
-    participant_label: ParticipantOpt = None,
-    task: TaskOpt = None,
-    out: OutOpt = None,
-    storage_option: StorageOpt = None,
-    scheduler: SchedulerOpt = None,
-    workers: WorkersOpt = None,
-    overwrite: OverwriteOpt = False,
-    progress: ProgressOpt = True,
-    verbose: VerboseOpt = False,
+    sel: Selection,
     max_size: Annotated[int | None, typer.Option(min=8, metavar="PIXELS", help="Decode: downscale so the longest side is at most this.")] = None,
     model: ModelOpt = "mediapipe",
     device: DeviceOpt = "auto",
@@ -313,21 +327,20 @@ def run(
     """
     from gmfx.pipeline import run_pipeline
 
-    with _session(input, participant_label, task, out, storage_option, scheduler, workers, overwrite, progress, verbose) as sel:
-        recordings = sel.recordings()
-        with sel.client(gpus=_local_gpus(sel, device)) as client:
-            summaries, timings = run_pipeline(
-                recordings,
-                sel.out,
-                client=client,
-                decode_options={"max_size": max_size},
-                recon_options={"model": model, "device": device.lower(), "batch_size": batch_size, "max_faces": max_faces},
-                preproc_options=_preproc_options(sampling_freq, highpass, lowpass, reference),
-                epoch_options={"start": epoch_start, "end": epoch_end},
-                overwrite=sel.overwrite,
-                progress=sel.progress,
-            )
-        _print_summary(summaries, timings, sel.out)
+    recordings = sel.recordings()
+    with sel.client(gpus=_local_gpus(sel, device)) as client:
+        summaries, timings = run_pipeline(
+            recordings,
+            sel.out,
+            client=client,
+            decode_options={"max_size": max_size},
+            recon_options={"model": model, "device": device.lower(), "batch_size": batch_size, "max_faces": max_faces},
+            preproc_options=_preproc_options(sampling_freq, highpass, lowpass, reference),
+            epoch_options={"start": epoch_start, "end": epoch_end},
+            overwrite=sel.overwrite,
+            progress=sel.progress,
+        )
+    _print_summary(summaries, timings, sel.out)
 
 
 def _preproc_options(sampling_freq: float | None, highpass: float, lowpass: float, reference: str = "template") -> dict:
@@ -338,18 +351,9 @@ def _preproc_options(sampling_freq: float | None, highpass: float, lowpass: floa
     }
 
 
-@app.command()
+@dataset_command
 def preproc(
-    input: InputArg,
-    participant_label: ParticipantOpt = None,
-    task: TaskOpt = None,
-    out: OutOpt = None,
-    storage_option: StorageOpt = None,
-    scheduler: SchedulerOpt = None,
-    workers: WorkersOpt = None,
-    overwrite: OverwriteOpt = False,
-    progress: ProgressOpt = True,
-    verbose: VerboseOpt = False,
+    sel: Selection,
     reference: ReferenceOpt = "template",
     sampling_freq: SamplingOpt = None,
     highpass: HighpassOpt = 0.005,
@@ -367,38 +371,27 @@ def preproc(
     """
     from gmfx.stages.preproc import preproc as run_preproc
 
-    with _session(input, participant_label, task, out, storage_option, scheduler, workers, overwrite, progress, verbose) as sel:
-        recordings = sel.recordings()
-        with sel.client() as client:
-            stores = run_preproc(
-                recordings, sel.out, client=client, overwrite=sel.overwrite, progress=sel.progress,
-                **_preproc_options(sampling_freq, highpass, lowpass, reference),
-            )  # fmt: skip
-        _print_outputs(stores)
+    recordings = sel.recordings()
+    with sel.client() as client:
+        stores = run_preproc(
+            recordings, sel.out, client=client, overwrite=sel.overwrite, progress=sel.progress,
+            **_preproc_options(sampling_freq, highpass, lowpass, reference),
+        )  # fmt: skip
+    _print_outputs(stores)
 
 
-def _step(step: str, options: dict, session_args: tuple) -> None:
+def _step(sel: Selection, step: str, options: dict) -> None:
     from gmfx.pipeline import run_step
 
-    with _session(*session_args) as sel:
-        recordings = sel.recordings()
-        with sel.client() as client:
-            stores = run_step(step, recordings, sel.out, client=client, options=options, overwrite=sel.overwrite, progress=sel.progress)
-        _print_outputs(stores)
+    recordings = sel.recordings()
+    with sel.client() as client:
+        stores = run_step(step, recordings, sel.out, client=client, options=options, overwrite=sel.overwrite, progress=sel.progress)
+    _print_outputs(stores)
 
 
-@app.command()
+@dataset_command
 def align(
-    input: InputArg,
-    participant_label: ParticipantOpt = None,
-    task: TaskOpt = None,
-    out: OutOpt = None,
-    storage_option: StorageOpt = None,
-    scheduler: SchedulerOpt = None,
-    workers: WorkersOpt = None,
-    overwrite: OverwriteOpt = False,
-    progress: ProgressOpt = True,
-    verbose: VerboseOpt = False,
+    sel: Selection,
     reference: ReferenceOpt = "template",
     scale: Annotated[bool, typer.Option(help="Also fit a uniform scale.")] = False,
 ) -> None:
@@ -410,22 +403,12 @@ def align(
 
       gmfx_align /data/study --reference mean
     """
-    _step("align", {"reference": reference, "scale": scale},
-          (input, participant_label, task, out, storage_option, scheduler, workers, overwrite, progress, verbose))  # fmt: skip
+    _step(sel, "align", {"reference": reference, "scale": scale})
 
 
-@app.command()
+@dataset_command
 def interpolate(
-    input: InputArg,
-    participant_label: ParticipantOpt = None,
-    task: TaskOpt = None,
-    out: OutOpt = None,
-    storage_option: StorageOpt = None,
-    scheduler: SchedulerOpt = None,
-    workers: WorkersOpt = None,
-    overwrite: OverwriteOpt = False,
-    progress: ProgressOpt = True,
-    verbose: VerboseOpt = False,
+    sel: Selection,
     sampling_freq: SamplingOpt = None,
     method: Annotated[str, typer.Option(metavar="METHOD", help="linear, pchip or cubic.")] = "linear",
     max_gap: Annotated[float, typer.Option(min=0.0, metavar="SECONDS", help="Gaps (no face) longer than this stay NaN.")] = 0.5,
@@ -439,22 +422,12 @@ def interpolate(
       gmfx_interpolate /data/study --method pchip --max-gap 0.25
     """
     options = {"sampling_freq": sampling_freq, "method": method, "max_gap": max_gap}
-    _step("interpolate", options,
-          (input, participant_label, task, out, storage_option, scheduler, workers, overwrite, progress, verbose))  # fmt: skip
+    _step(sel, "interpolate", options)
 
 
-@app.command(name="filter")
+@dataset_command
 def filter_(
-    input: InputArg,
-    participant_label: ParticipantOpt = None,
-    task: TaskOpt = None,
-    out: OutOpt = None,
-    storage_option: StorageOpt = None,
-    scheduler: SchedulerOpt = None,
-    workers: WorkersOpt = None,
-    overwrite: OverwriteOpt = False,
-    progress: ProgressOpt = True,
-    verbose: VerboseOpt = False,
+    sel: Selection,
     highpass: HighpassOpt = 0.005,
     lowpass: LowpassOpt = 4.0,
     order: Annotated[int, typer.Option(min=1, metavar="N", help="Butterworth order.")] = 5,
@@ -469,22 +442,12 @@ def filter_(
       gmfx_filter /data/study --highpass 0 --lowpass 4 --causal
     """
     options = {"highpass": highpass or None, "lowpass": lowpass or None, "order": order, "causal": causal}
-    _step("filter", options,
-          (input, participant_label, task, out, storage_option, scheduler, workers, overwrite, progress, verbose))  # fmt: skip
+    _step(sel, "filter", options)
 
 
-@app.command()
+@dataset_command
 def epoch(
-    input: InputArg,
-    participant_label: ParticipantOpt = None,
-    task: TaskOpt = None,
-    out: OutOpt = None,
-    storage_option: StorageOpt = None,
-    scheduler: SchedulerOpt = None,
-    workers: WorkersOpt = None,
-    overwrite: OverwriteOpt = False,
-    progress: ProgressOpt = True,
-    verbose: VerboseOpt = False,
+    sel: Selection,
     start: StartOpt = -0.5,
     end: EndOpt = 2.0,
     anchor: AnchorOpt = "onset",
@@ -500,14 +463,13 @@ def epoch(
     """
     from gmfx.stages.preproc import epochs as run_epochs
 
-    with _session(input, participant_label, task, out, storage_option, scheduler, workers, overwrite, progress, verbose) as sel:
-        recordings = sel.recordings()
-        with sel.client() as client:
-            stores = run_epochs(
-                recordings, sel.out, client=client, overwrite=sel.overwrite, progress=sel.progress,
-                start=start, end=end, anchor=anchor, baseline=baseline,
-            )  # fmt: skip
-        _print_outputs(stores)
+    recordings = sel.recordings()
+    with sel.client() as client:
+        stores = run_epochs(
+            recordings, sel.out, client=client, overwrite=sel.overwrite, progress=sel.progress,
+            start=start, end=end, anchor=anchor, baseline=baseline,
+        )  # fmt: skip
+    _print_outputs(stores)
 
 
 def _print_summary(summaries, timings, out: Location) -> None:
