@@ -135,3 +135,20 @@ def test_epochs_with_an_events_file_without_rows_is_an_events_error(tmp_path):
         epochs([recording], out, progress=False)
     assert "sub-01_task-faces_events.tsv" in str(info.value)
     assert "add one row per event" in str(info.value)
+
+
+@pytest.mark.parametrize("reference", ["first", "mean"])
+def test_whole_recording_references_are_computed_once_and_give_the_lazy_result(tmp_path, reference):
+    out = Location(str(tmp_path / "out"))
+    source = write_synthetic_recon(out.child("a_recon.zarr"), FACE, chunk=32)
+    options = {"reference": reference}
+    (target,) = run_chain([source], [out.child("a_preproc.zarr")], align=options, filter=False, progress=False)
+    expected = chain(open_dataset(source, stage="recon"), align=options, filter=False)
+    written = open_dataset(target, stage="preproc")
+    np.testing.assert_allclose(written.v.values, expected.v.values, atol=1e-6)
+    assert written.attrs["gmfx_history"] == expected.attrs["gmfx_history"]
+    # the regions' graphs hold the computed reference, not the reduction over every chunk
+    from gmfx.stages.preproc import _global_references
+
+    given = _global_references(open_dataset(source, stage="recon"), options, None)
+    assert isinstance(given["_target"], np.ndarray) and given["_target"].shape == (1, FACE.v.shape[2], 3)

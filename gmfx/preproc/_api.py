@@ -250,6 +250,7 @@ def align(
     reference: str = "template",
     vertices: Sequence[int] | np.ndarray | None = None,
     scale: bool = False,
+    _target: np.ndarray | None = None,
 ) -> xr.Dataset:
     """Remove rigid head motion: fit each frame onto a reference shape and express it in local space.
 
@@ -270,6 +271,11 @@ def align(
     -------
     Dataset with ``v`` in local space, ``mat`` (local -> world, the inverse of each fit) and ``motion``
     (time, face, motion_param): translation, rotation in degrees, scales and shears of ``mat``.
+
+    For ``"first"`` and ``"mean"`` the reference shape is a reduction over the whole recording; the
+    lazy ``v`` carries it as ``v.data._gmfx_target`` so that a writer that splits the work into many
+    tasks computes it once and passes it back as ``_target`` (the same reference, already computed)
+    instead of letting every task recompute it.
     """
     v = _require(ds, "v", ("time", "face", "vertex", "coord"), "align")
     if reference not in _REFERENCES:
@@ -293,10 +299,12 @@ def align(
         if reference == "template":
             template = np.asarray(_require(ds, "template", ("vertex", "coord"), "align(reference='template')").values)
             target = da.from_array(np.broadcast_to(template, data.shape[1:]).astype(np.float64))
+        elif _target is not None:
+            target = da.from_array(np.broadcast_to(np.asarray(_target, dtype=np.float64), data.shape[1:]))
         else:
             target = _first_reference(data, weights)
         transforms = _fit(data, target, weights, scale)
-        if reference == "mean":
+        if reference == "mean" and _target is None:
             aligned = da.map_blocks(_apply_block, transforms, data, chunks=data.chunks, dtype=np.float32)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
@@ -316,6 +324,8 @@ def align(
         return local, mat.astype(np.float32), motion.astype(np.float32)
 
     local, mat, motion = outputs(transforms, data)
+    if reference in ("first", "mean") and _target is None:
+        local._gmfx_target = target
     for position, array in enumerate((local, mat, motion)):
         _with_recipe(array, lambda lo, hi, p=position: outputs(fits(lo, hi), data[lo:hi].rechunk({0: -1}))[p])
     out = ds.copy()

@@ -71,6 +71,21 @@ def _options(value: Options) -> dict[str, Any] | None:
     return {} if value is True else dict(value)
 
 
+def _global_references(ds: xr.Dataset, align: Options, client: Client | None) -> Options:
+    """``align`` options with a whole-recording reference (``"first"``, ``"mean"``) computed once.
+
+    Left lazy, that reduction would sit in every region task's graph and be recomputed by each
+    (reading the whole recording once per region)."""
+    options = _options(align)
+    if options is None or options.get("reference") not in ("first", "mean"):
+        return align
+    target = getattr(ops.align(ds, **options)["v"].data, "_gmfx_target", None)
+    if target is None:
+        return align
+    computed = client.compute(target).result() if client is not None else target.compute()
+    return {**options, "_target": computed}
+
+
 def chain(ds: xr.Dataset, *, align: Options = True, interpolate: Options = True, filter: Options = True) -> xr.Dataset:  # noqa: A002
     """The lazy chain align -> interpolate -> filter with the steps given (``True`` = defaults, a dict = options)."""
     for step, value in (("align", align), ("interpolate", interpolate), ("filter", filter)):
@@ -271,7 +286,8 @@ def run_chain(
     """Run the chain on each recon store of ``sources`` and write each preproc store of ``targets``."""
     labels = list(labels or [t.url for t in targets])
     filter_options = _options(filter)
-    opened = [chain(open_dataset(s, stage="recon"), align=align, interpolate=interpolate, filter=False) for s in sources]
+    recons = [open_dataset(s, stage="recon") for s in sources]
+    opened = [chain(ds, align=_global_references(ds, align, client), interpolate=interpolate, filter=False) for ds in recons]
     if filter_options is None:
         plans = [
             plan_lazy(ds, t, stage="preproc", source=s.url, overwrite=overwrite, label=name)
