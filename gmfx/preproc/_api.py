@@ -427,7 +427,8 @@ def _even_rate(ds: xr.Dataset) -> float:
     return 1.0 / step
 
 
-def _filter_block(block: np.ndarray, *, sos, causal, times, on_short, where) -> np.ndarray:
+def _filter_block(block: np.ndarray, *, sos, causal, start, rate, on_short, where) -> np.ndarray:
+    times = start + np.arange(block.shape[0]) / rate  # the even grid (for messages), not shipped with every task
     out = _filters.filter_series(_as_groups(block), sos, causal=causal, times=times, on_short=on_short, where=where, dtype=block.dtype)
     return out.reshape(block.shape).astype(block.dtype, copy=False)
 
@@ -473,7 +474,7 @@ def filter(  # noqa: A001 - the public name mirrors the operation
             where=f"filter(highpass={highpass}, lowpass={lowpass}, order={order})",
             fix="lower the order, or filter a longer recording",
         )
-    kwargs = {"sos": sos, "causal": causal, "times": times, "on_short": on_short}
+    kwargs = {"sos": sos, "causal": causal, "start": float(times[0]), "rate": rate, "on_short": on_short}
     n_time, n_face = v.shape[:2]
     if vertex_chunk is None:
         vertex_chunk = max(1, _FILTER_BLOCK_BYTES // (n_time * n_face * v.shape[3] * 8))
