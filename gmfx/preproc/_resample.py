@@ -115,7 +115,7 @@ def resample(
         values = values.astype(np.float64)
     source_times = np.asarray(source_times, dtype=np.float64)
     new_times = np.asarray(new_times, dtype=np.float64)
-    out = np.full((new_times.size,) + values.shape[1:], np.nan, dtype=values.dtype)
+    out = np.empty((new_times.size,) + values.shape[1:], dtype=values.dtype)  # every group is assigned whole
     finite = np.isfinite(values)
     for group in range(values.shape[1]):
         valid = finite[:, group].all(axis=1)
