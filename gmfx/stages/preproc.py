@@ -66,6 +66,8 @@ EPOCH_STAGE = Stage(name="epoch", reads=("preproc",), writes=("epoch",))
 
 #: float32 bytes of ``v`` per vertex block of a filtered store (the filter holds ~3x that in float64)
 _BLOCK_BYTES = 48 * 2**20
+#: fewest vertex blocks a filtered store is split into
+_MIN_BLOCKS = 8
 #: codecs of the scratch store: written once, read once, deleted; float noise barely compresses
 _SCRATCH_ENCODING = {"compressors": None}
 #: codecs of float time series in result stores: byte-shuffled LZ4 packs float32 vertices to ~84% at
@@ -279,8 +281,9 @@ def _scratch(location: Location) -> Location:
 
 
 def _vertex_chunk(ds: xr.Dataset) -> int:
-    n_time, n_face, _, n_coord = ds["v"].shape
-    return int(max(1, min(ds.sizes["vertex"], _BLOCK_BYTES // (4 * n_time * n_face * n_coord))))
+    n_time, n_face, n_vertex, n_coord = ds["v"].shape
+    # at most _BLOCK_BYTES a block, and at least _MIN_BLOCKS blocks so that a short recording keeps every worker busy
+    return int(max(1, min(-(-n_vertex // _MIN_BLOCKS), _BLOCK_BYTES // (4 * n_time * n_face * n_coord))))
 
 
 def run_chain(
