@@ -90,7 +90,10 @@ def _sos_run(sos: np.ndarray, x: np.ndarray, state: np.ndarray, reverse: bool) -
 
 
 if numba is not None:
-    _sos_run = numba.njit(cache=True, nogil=True, error_model="numpy")(_sos_run)
+    try:  # cached next to this file, or in the user's cache folder
+        _sos_run = numba.njit(cache=True, nogil=True, error_model="numpy")(_sos_run)
+    except RuntimeError:  # pragma: no cover - no writable cache location: compile once per process
+        _sos_run = numba.njit(nogil=True, error_model="numpy")(_sos_run)
 
 
 def sosfilt(sos: np.ndarray, x: np.ndarray, *, zi: np.ndarray) -> np.ndarray:
