@@ -238,3 +238,15 @@ def test_epoch_times_for_each_anchor_and_baseline():
     values = np.arange(8.0).reshape(2, 4)
     np.testing.assert_allclose(_epochs.apply_baseline(values, lags, (-0.5, 0.0), "mean"), values - [[0.5], [4.5]])
     np.testing.assert_allclose(_epochs.apply_baseline(values + 1, lags, (-0.5, 0.0), "ratio")[1], (values[1] + 1) / 5.5)
+
+
+@pytest.mark.parametrize("kind", ["bandpass", "lowpass"])
+def test_sosfiltfilt_and_sosfilt_equal_scipy_on_many_columns(kind):
+    rng = np.random.default_rng(4)
+    values = rng.standard_normal((500, 37)).cumsum(axis=0)
+    sos = signal.butter(5, [0.05, 4.0] if kind == "bandpass" else 4.0, btype=kind, fs=30, output="sos")
+    np.testing.assert_allclose(_filters.sosfiltfilt(sos, values), signal.sosfiltfilt(sos, values, axis=0), rtol=1e-12, atol=1e-12)
+    zi = signal.sosfilt_zi(sos)[:, :, None] * values[0]
+    np.testing.assert_allclose(_filters.sosfilt(sos, values, zi=zi), signal.sosfilt(sos, values, axis=0, zi=zi)[0], rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="padlen"):
+        _filters.sosfiltfilt(sos, values[: _filters.padding_samples(sos)])
