@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from distributed import Client, as_completed
@@ -13,11 +15,32 @@ from gmfx._errors import GmfxError
 from gmfx.storage import RegionStore
 from gmfx.types import Task
 
-__all__ = ["StorePlan", "execute_plans", "run_tasks", "progress_bar"]
+__all__ = ["StorePlan", "execute_plans", "one_display", "progress_bar", "run_tasks"]
 
 
-def progress_bar(*, enabled: bool = True) -> Progress:
-    """The progress display gmfx uses for long work (to stderr; static when not a terminal)."""
+_shared_display: ContextVar[Progress | None] = ContextVar("gmfx_shared_display", default=None)
+
+
+@contextlib.contextmanager
+def one_display(*, enabled: bool = True) -> Iterator[Progress]:
+    """One progress display for several stages: inside it, every :func:`progress_bar` is this display,
+    and each stage adds its own row to it."""
+    with _new_display(enabled) as display:
+        token = _shared_display.set(display)
+        try:
+            yield display
+        finally:
+            _shared_display.reset(token)
+
+
+def progress_bar(*, enabled: bool = True) -> contextlib.AbstractContextManager[Progress]:
+    """The progress display for long work: the run's shared one inside :func:`one_display`, else a new one."""
+    shared = _shared_display.get()
+    return contextlib.nullcontext(shared) if shared is not None else _new_display(enabled)
+
+
+def _new_display(enabled: bool) -> Progress:
+    """A rich progress display on stderr (static when stderr is not a terminal)."""
     from rich.console import Console
 
     console = Console(stderr=True)

@@ -16,6 +16,7 @@ import numpy as np
 from distributed import Client
 
 from gmfx._errors import StorageError
+from gmfx._execute import one_display
 from gmfx.dataset import Recording
 from gmfx.storage import Location, RegionStore, open_dataset, store_location
 
@@ -64,10 +65,11 @@ def run_pipeline(
         function(selected, out, client=client, overwrite=overwrite, progress=progress, **dict(options or {}))
         timings[name] = time.perf_counter() - start
 
-    timed("decode", decode, recordings, decode_options)
-    timed("recon", recon, recordings, recon_options)
-    timed("preproc", preproc, recordings, preproc_options)
-    timed("epoch", epochs, [r for r in recordings if r.events is not None], epoch_options)
+    with one_display(enabled=progress):  # one display for the whole run, a row per stage
+        timed("decode", decode, recordings, decode_options)
+        timed("recon", recon, recordings, recon_options)
+        timed("preproc", preproc, recordings, preproc_options)
+        timed("epoch", epochs, [r for r in recordings if r.events is not None], epoch_options)
     return [_summarize(recording, out) for recording in recordings], timings
 
 
