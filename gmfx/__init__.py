@@ -10,30 +10,80 @@ The public API, by name::
     epochs = gmfx.epoch(ds, "sub-01_task-mini_events.tsv")
 """
 
-from gmfx._errors import (
-    ClusterError,
-    DatasetError,
-    EventsError,
-    FrameTimesError,
-    GmfxError,
-    IncompleteStoreError,
-    ModelError,
-    ParameterError,
-    StorageError,
-    VideoError,
-)
-from gmfx._example import write_example_dataset
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from gmfx._version import __version__
-from gmfx.cluster import connect
-from gmfx.dataset import Recording, find_recordings
-from gmfx.models import Backend, Topology, available_backends, get_backend, register_backend
-from gmfx.pipeline import RecordingSummary, run_pipeline
-from gmfx.preproc import MOTION_PARAMS, align, epoch, filter, interpolate, open_recon
-from gmfx.stages.decode import decode, open_frames
-from gmfx.stages.preproc import epochs, preproc, write_lazy
-from gmfx.stages.recon import recon
-from gmfx.storage import Location, RegionStore, open_dataset, store_location
-from gmfx.types import Region, Stage, Task
+
+if TYPE_CHECKING:  # the same names, imported for type checkers and IDEs
+    from gmfx._errors import (
+        ClusterError,
+        DatasetError,
+        EventsError,
+        FrameTimesError,
+        GmfxError,
+        IncompleteStoreError,
+        ModelError,
+        ParameterError,
+        StorageError,
+        VideoError,
+    )
+    from gmfx._example import write_example_dataset
+    from gmfx.cluster import connect
+    from gmfx.dataset import Recording, find_recordings
+    from gmfx.models import Backend, Topology, available_backends, get_backend, register_backend
+    from gmfx.pipeline import RecordingSummary, run_pipeline
+    from gmfx.preproc import MOTION_PARAMS, align, epoch, filter, interpolate, open_recon
+    from gmfx.stages.decode import decode, open_frames
+    from gmfx.stages.preproc import epochs, preproc, write_lazy
+    from gmfx.stages.recon import recon
+    from gmfx.storage import Location, RegionStore, open_dataset, store_location
+    from gmfx.types import Region, Stage, Task
+
+#: public name -> module that defines it; each is imported on first use, so ``import gmfx`` (and the
+#: ``gmfx`` command's start-up) stays fast
+_LAZY = {
+    "ClusterError": "gmfx._errors",
+    "DatasetError": "gmfx._errors",
+    "EventsError": "gmfx._errors",
+    "FrameTimesError": "gmfx._errors",
+    "GmfxError": "gmfx._errors",
+    "IncompleteStoreError": "gmfx._errors",
+    "ModelError": "gmfx._errors",
+    "ParameterError": "gmfx._errors",
+    "StorageError": "gmfx._errors",
+    "VideoError": "gmfx._errors",
+    "write_example_dataset": "gmfx._example",
+    "connect": "gmfx.cluster",
+    "Recording": "gmfx.dataset",
+    "find_recordings": "gmfx.dataset",
+    "Backend": "gmfx.models",
+    "Topology": "gmfx.models",
+    "available_backends": "gmfx.models",
+    "get_backend": "gmfx.models",
+    "register_backend": "gmfx.models",
+    "RecordingSummary": "gmfx.pipeline",
+    "run_pipeline": "gmfx.pipeline",
+    "MOTION_PARAMS": "gmfx.preproc",
+    "align": "gmfx.preproc",
+    "epoch": "gmfx.preproc",
+    "filter": "gmfx.preproc",
+    "interpolate": "gmfx.preproc",
+    "open_recon": "gmfx.preproc",
+    "decode": "gmfx.stages.decode",
+    "open_frames": "gmfx.stages.decode",
+    "epochs": "gmfx.stages.preproc",
+    "preproc": "gmfx.stages.preproc",
+    "write_lazy": "gmfx.stages.preproc",
+    "recon": "gmfx.stages.recon",
+    "Location": "gmfx.storage",
+    "RegionStore": "gmfx.storage",
+    "open_dataset": "gmfx.storage",
+    "store_location": "gmfx.storage",
+    "Region": "gmfx.types",
+    "Stage": "gmfx.types",
+    "Task": "gmfx.types",
+}
 
 __all__ = [
     "__version__",
@@ -84,3 +134,15 @@ __all__ = [
     "Region",
     "Task",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'gmfx' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
