@@ -7,12 +7,12 @@ import os
 from collections.abc import Iterator
 
 import psutil
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 
 from gmfx._errors import ClusterError
 from gmfx._version import __version__
 
-__all__ = ["connect", "gpu_workers", "local_gpu_count", "require_resource"]
+__all__ = ["connect", "gpu_worker_specs", "gpu_workers", "local_gpu_count", "require_resource"]
 
 
 @contextlib.contextmanager
@@ -26,8 +26,8 @@ def connect(scheduler: str | None = None, *, workers: int | None = None, gpus: i
     workers
         Worker processes of the local cluster (default: one per core, at most 8).
     gpus
-        Local GPUs to use: ``gpus`` workers, each offering the resource ``GPU=1`` (CUDA picks the
-        device; for one worker per GPU of a multi-GPU box, see ``deploy/multi-gpu``).
+        Local GPUs to use: one worker per GPU, pinned to it with ``CUDA_VISIBLE_DEVICES`` and offering
+        the resource ``GPU=1`` (see :func:`gpu_worker_specs`).
     """
     if scheduler:
         try:
@@ -43,17 +43,35 @@ def connect(scheduler: str | None = None, *, workers: int | None = None, gpus: i
             yield client
         return
     n = gpus or workers or min(psutil.cpu_count(logical=False) or os.cpu_count() or 1, 8)
-    memory = psutil.virtual_memory().total
-    with LocalCluster(
-        n_workers=n,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=None,
-        memory_limit=int(memory * 0.8 / n),
-        resources={"GPU": 1} if gpus else None,
-    ) as cluster:
-        with Client(cluster) as client:
-            yield client
+    memory_limit = int(psutil.virtual_memory().total * 0.8 / n)
+    if gpus:
+        cluster = SpecCluster(
+            scheduler={"cls": Scheduler, "options": {"host": "127.0.0.1"}},
+            workers=gpu_worker_specs(gpus, memory_limit=memory_limit),
+        )
+    else:
+        cluster = LocalCluster(
+            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit=memory_limit
+        )
+    with cluster, Client(cluster) as client:
+        yield client
+
+
+def gpu_worker_specs(gpus: int, *, memory_limit: int | str = "auto") -> dict[str, dict]:
+    """Worker specs for a local cluster with ``gpus`` GPUs: one single-threaded worker process per GPU,
+    which sees only its own GPU (``CUDA_VISIBLE_DEVICES``) and offers the resource ``GPU=1``."""
+    return {
+        f"gpu-{index}": {
+            "cls": Nanny,
+            "options": {
+                "nthreads": 1,
+                "resources": {"GPU": 1},
+                "memory_limit": memory_limit,
+                "env": {"CUDA_VISIBLE_DEVICES": str(index)},
+            },
+        }
+        for index in range(gpus)
+    }
 
 
 def _check_versions(client: Client, where: str) -> None:

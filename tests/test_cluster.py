@@ -40,3 +40,16 @@ def test_version_mismatch_is_refused(cli_cluster, monkeypatch):
     with pytest.raises(ClusterError, match="gmfx 0.0.0-other here, but"):
         with connect(cli_cluster):
             pass
+
+
+def _visible_devices() -> str | None:
+    import os
+
+    return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def test_local_gpu_cluster_pins_one_gpu_per_worker():
+    """Without real GPUs the pinning itself is checkable: each worker sees only its own device index."""
+    with connect(gpus=2) as client:
+        assert len(gpu_workers(client)) == 2
+        assert sorted(client.run(_visible_devices).values()) == ["0", "1"]
