@@ -24,7 +24,6 @@ Defaults, from measurements on 640x360 video (``benchmarks/decode.py``):
 from __future__ import annotations
 
 import hashlib
-import json
 import posixpath
 import queue
 from collections.abc import Sequence
@@ -42,7 +41,15 @@ from gmfx._execute import StorePlan, execute_plans
 from gmfx._version import __version__
 from gmfx._video import VideoIndex, index_video, iter_segment, output_size, read_frame_times
 from gmfx.dataset import Recording
-from gmfx.storage import Location, RegionStore, open_dataset, redact, store_location, write_dataset_description
+from gmfx.storage import (
+    Location,
+    RegionStore,
+    open_dataset,
+    plan_token,
+    redact,
+    store_location,
+    write_dataset_description,
+)
 from gmfx.storage._retry import retry_transient
 from gmfx.types import Region, Stage, Task, split_regions
 
@@ -138,7 +145,7 @@ def plan_decode(
     template, encoding = _template(times, width, height, chunk, compression_level, attrs)
     done = store.prepare(template, plan=plan, overwrite=overwrite, encoding=encoding)
     # the store is part of the key: the same video decoded into two stores must not share tasks
-    token = _digest(json.dumps([store.location.url, plan], sort_keys=True).encode())[:12]
+    token = plan_token(store.location, plan)
     tasks = [
         Task(
             key=f"decode-{recording.name}-{token}-{region.index:06d}",

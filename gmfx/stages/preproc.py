@@ -34,8 +34,6 @@ Speed (measured on a 2-core box, 5,023 vertices at 30 fps; see ``benchmarks/prep
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import posixpath
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -56,7 +54,7 @@ from gmfx import preproc as ops
 from gmfx._errors import EventsError
 from gmfx._execute import StorePlan, execute_plans, progress_bar
 from gmfx.dataset import Recording
-from gmfx.storage import Location, RegionStore, open_dataset, store_location
+from gmfx.storage import Location, RegionStore, open_dataset, plan_token, store_location
 from gmfx.types import Stage, Task
 
 __all__ = ["STAGE", "EPOCH_STAGE", "preproc", "epochs", "run_chain", "write_lazy", "chain"]
@@ -110,8 +108,6 @@ def chain(ds: xr.Dataset, *, align: Options = True, interpolate: Options = True,
 
 
 # -- writing lazy results --------------------------------------------------------------------------
-def _token(plan: Mapping[str, Any]) -> str:
-    return hashlib.sha1(json.dumps(plan, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _leading(ds: xr.Dataset) -> tuple[str, list[str]]:
@@ -200,7 +196,7 @@ def plan_lazy(
     encoding = _encoding(ds, timed, scratch=scratch)
     done = store.prepare(_template(ds, chunk, vertex_chunk), plan=plan, overwrite=overwrite, encoding=encoding)
     arrays = {name: ds[name].data.rechunk({0: chunk}) for name in timed}
-    token = _token({**plan, "url": location.url})
+    token = plan_token(location, plan)
     tasks = [
         Task(
             key=f"{stage}-region-{token}-{index:06d}",
@@ -225,7 +221,7 @@ def _plan_filtered(
             "chunk": chunk, "vertex_chunk": vertex_chunk, "layout": "vertex-blocks"}  # fmt: skip
     store = RegionStore(location, "preproc")
     done = store.prepare(_template(filtered, chunk, vertex_chunk), plan=plan, overwrite=overwrite, encoding=_encoding(filtered, timed))
-    token = _token({**plan, "url": location.url})
+    token = plan_token(location, plan)
     v = filtered["v"].data
     tasks = [
         Task(

@@ -9,7 +9,6 @@ more than one face, segments are tracked independently and then given one shared
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import warnings
@@ -30,7 +29,7 @@ from gmfx.cluster import gpu_workers, require_resource
 from gmfx.dataset import Recording
 from gmfx.models import Backend, Face, get_backend, load_backend
 from gmfx.models._tracking import stitch_segments, track_faces
-from gmfx.storage import Location, RegionStore, open_dataset, store_location
+from gmfx.storage import Location, RegionStore, open_dataset, plan_token, store_location
 from gmfx.types import Region, Stage, Task, split_regions
 
 __all__ = ["STAGE", "LowDetectionWarning", "pack_faces", "plan_recon", "recon", "resolve_device", "segment_ends"]
@@ -135,7 +134,7 @@ def plan_recon(
     store = RegionStore(store_location(out, recording, "recon"), STAGE.name)
     template = recon_template(backend, frames, max_faces=max_faces, region_frames=region_frames)
     done = store.prepare(template, plan=plan, overwrite=overwrite)
-    token = hashlib.sha1(f"{store.location.url}|{json.dumps(plan, sort_keys=True, default=str)}".encode()).hexdigest()[:16]
+    token = plan_token(store.location, plan)
     resources = {"GPU": 1} if device.startswith("cuda") else None
     tasks = [
         Task(

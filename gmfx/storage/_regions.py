@@ -10,6 +10,7 @@ a store is never marked complete before every region is in.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 import warnings
@@ -24,9 +25,22 @@ from gmfx._errors import IncompleteStoreError, StorageError
 from gmfx.storage._location import Location, redact
 from gmfx.storage._retry import is_transient, retry_transient
 
-__all__ = ["RegionStore", "open_dataset"]
+__all__ = ["RegionStore", "open_dataset", "plan_token"]
 
 _MARKERS = "_gmfx/regions"
+
+
+def _plan_json(plan: Mapping[str, Any]) -> str:
+    return json.dumps(plan, sort_keys=True, default=str)
+
+
+def plan_token(location: Location, plan: Mapping[str, Any]) -> str:
+    """A short digest of a store's URL and plan: the deterministic part of its tasks' Dask keys.
+
+    The same store written with the same plan gives the same keys (a resubmitted task is the same
+    task); another store or plan gives others (the same video decoded into two stores shares nothing).
+    """
+    return hashlib.sha1(f"{location.url}|{_plan_json(plan)}".encode()).hexdigest()[:16]
 
 
 class RegionStore:
@@ -81,10 +95,10 @@ class RegionStore:
         ``plan`` describes everything that determines the store's bytes (inputs, parameters, region
         boundaries). A store written with another plan is an error unless ``overwrite`` is true.
         """
-        plan_token = json.dumps(plan, sort_keys=True, default=str)
+        plan_json = _plan_json(plan)
         attrs = self.attrs()
         if attrs is not None and not overwrite:
-            if attrs.get("gmfx_plan") == plan_token:
+            if attrs.get("gmfx_plan") == plan_json:
                 return set(range(attrs["gmfx_regions"])) if attrs.get("gmfx_complete") else self.done_regions()
             raise StorageError(
                 f"a {self.stage} store written with other inputs or parameters already exists",
@@ -94,7 +108,7 @@ class RegionStore:
         self.delete()
         template = template.copy()
         template.attrs.update(
-            gmfx_stage=self.stage, gmfx_plan=plan_token, gmfx_regions=int(plan["regions"]), gmfx_complete=False
+            gmfx_stage=self.stage, gmfx_plan=plan_json, gmfx_regions=int(plan["regions"]), gmfx_complete=False
         )
         try:
             template.to_zarr(
