@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -58,49 +61,68 @@ def _new_display(enabled: bool) -> Progress:
 
 
 def run_tasks(
-    client: Client,
+    client: Client | None,
     tasks: Sequence[Task],
     *,
     description: str,
     retries: int = 2,
     progress: bool = True,
 ) -> list:
-    """Submit ``tasks`` to ``client`` and wait for all of them; return their results in order.
+    """Run ``tasks`` and wait for all of them; return their results in order.
 
-    Each task runs under its own deterministic key with ``retries`` (a killed worker's tasks rerun
-    elsewhere) and its resources (``{"GPU": 1}`` pins it to GPU workers). On the first failure the
-    remaining tasks are cancelled and the error is raised: a :class:`GmfxError` as it is, anything else
-    wrapped in one that names the task.
+    On a ``client``, each task runs under its own deterministic key with ``retries`` (a killed worker's
+    tasks rerun elsewhere) and its resources (``{"GPU": 1}`` pins it to GPU workers). Without one, the
+    tasks run here on a thread per core (gmfx's task bodies spend their time in code that releases the
+    GIL). On the first failure the remaining tasks are cancelled and the error is raised: a
+    :class:`GmfxError` as it is, anything else wrapped in one that names the task.
     """
     if not tasks:
         return []
-    futures = [
-        client.submit(
-            task.function, *task.args, key=task.key, resources=task.resources, retries=retries, pure=False
-        )
-        for task in tasks
-    ]
-    index = {future.key: i for i, future in enumerate(futures)}
-    results: list = [None] * len(tasks)
-    total = sum(task.weight for task in tasks)
-    # as_completed looks up the current client: make it ours, even when it is not the default one
-    with client.as_current(), progress_bar(enabled=progress) as bar:
-        handle = bar.add_task(description, total=total)
-        for future in as_completed(futures):
-            i = index[future.key]
-            try:
-                results[i] = future.result()
-            except GmfxError:
+    with contextlib.ExitStack() as stack:
+        if client is None:
+            pool = stack.enter_context(ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, len(tasks)))))
+            futures = [pool.submit(task.function, *task.args) for task in tasks]
+            completed = concurrent.futures.as_completed(futures)
+
+            def cancel() -> None:
+                for future in futures:
+                    future.cancel()
+
+        else:
+            futures = [
+                client.submit(
+                    task.function, *task.args, key=task.key, resources=task.resources, retries=retries, pure=False
+                )
+                for task in tasks
+            ]
+            # as_completed looks up the current client: make it ours, even when it is not the default one
+            stack.enter_context(client.as_current())
+            completed = as_completed(futures)
+
+            def cancel() -> None:
                 client.cancel(futures)
-                raise
-            except Exception as error:
-                client.cancel(futures)
-                raise GmfxError(
-                    f"a {description} task failed ({type(error).__name__}: {error})",
-                    where=f"task {tasks[i].key}",
-                    fix="see the error above; rerun the same command to resume from the finished regions",
-                ) from error
-            bar.advance(handle, tasks[i].weight)
+
+        position = {future: i for i, future in enumerate(futures)}
+        results: list = [None] * len(tasks)
+        bar = stack.enter_context(progress_bar(enabled=progress))
+        handle = bar.add_task(description, total=sum(task.weight for task in tasks))
+        try:
+            for future in completed:
+                i = position[future]
+                try:
+                    results[i] = future.result()
+                except GmfxError:
+                    raise
+                except Exception as error:
+                    raise GmfxError(
+                        f"a {description} task failed ({type(error).__name__}: {error})",
+                        where=f"task {tasks[i].key}",
+                        fix="see the error above; rerun the same command to resume from the finished regions",
+                    ) from error
+                bar.advance(handle, tasks[i].weight)
+        except BaseException:  # a failure or Ctrl-C: nothing more starts
+            cancel()
+            raise
     return results
 
 
@@ -130,7 +152,7 @@ class StorePlan:
 
 
 def execute_plans(
-    client: Client, plans: Sequence[StorePlan], *, description: str, retries: int = 2, progress: bool = True
+    client: Client | None, plans: Sequence[StorePlan], *, description: str, retries: int = 2, progress: bool = True
 ) -> None:
     """Run every plan's tasks as one submission (recordings in parallel), then finalize each store."""
     run_tasks(

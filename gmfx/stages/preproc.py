@@ -34,9 +34,7 @@ Speed (measured on a 2-core box, 5,023 vertices at 30 fps; see ``benchmarks/prep
 
 from __future__ import annotations
 
-import os
 import posixpath
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -52,7 +50,7 @@ from zarr.codecs import BloscCodec
 
 from gmfx import preproc as ops
 from gmfx._errors import EventsError
-from gmfx._execute import StorePlan, execute_plans, progress_bar
+from gmfx._execute import StorePlan, execute_plans
 from gmfx.dataset import Recording
 from gmfx.storage import Location, RegionStore, open_dataset, plan_token, store_location
 from gmfx.types import Stage, Task
@@ -246,28 +244,6 @@ def _plan_filtered(
     return StorePlan(store=store, tasks=tasks, regions=len(blocks) + 1, label=label)
 
 
-def _run(plans: Sequence[StorePlan], client: Client | None, *, description: str, progress: bool) -> None:
-    """Run the plans' tasks on ``client`` (or here, one after another) and finalize each store."""
-    if client is not None:
-        execute_plans(client, plans, description=description, progress=progress)
-        return
-    tasks = [task for plan in plans for task in plan.tasks]
-    # no client: a thread per core (the kernels are NumPy/SciPy/numba code that releases the GIL)
-    with progress_bar(enabled=progress) as bar, ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, len(tasks)))) as pool:
-        handle = bar.add_task(description, total=sum(t.weight for t in tasks))
-        futures = {pool.submit(task.function, *task.args): task for task in tasks}
-        try:
-            for future in as_completed(futures):
-                future.result()
-                bar.advance(handle, futures[future].weight)
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
-    for plan in plans:
-        plan.store.finalize(plan.attrs)
-
-
 def _finalize_attrs(ds: xr.Dataset, source: Location) -> dict[str, Any]:
     return {"gmfx_history": ds.attrs.get("gmfx_history", []), "gmfx_source": source.url}
 
@@ -306,7 +282,7 @@ def run_chain(
         ]
         for plan, ds, s in zip(plans, opened, sources, strict=True):
             plan.attrs = _finalize_attrs(ds, s)
-        _run(plans, client, description="preproc", progress=progress)
+        execute_plans(client, plans, description="preproc", progress=progress)
         return list(targets)
     # a filter needs whole time series: unfiltered scratch with vertex blocks, then one task per block
     chunks = [int(ds["v"].chunks[0][0]) for ds in opened]
@@ -316,14 +292,14 @@ def run_chain(
     for ds, s, where, name, chunk, vchunk in zip(opened, sources, scratch, labels, chunks, vertex_chunks, strict=True):
         plans.append(plan_lazy(ds, where, stage="preproc", source=s.url, overwrite=overwrite, chunk=chunk,
                                vertex_chunk=vchunk, label=name, scratch=True))  # fmt: skip
-    _run(plans, client, description="preproc (align, interpolate)", progress=progress)
+    execute_plans(client, plans, description="preproc (align, interpolate)", progress=progress)
     plans = []
     for s, where, t, name, chunk, vchunk in zip(sources, scratch, targets, labels, chunks, vertex_chunks, strict=True):
         filtered = ops.filter(open_dataset(where, stage="preproc"), vertex_chunk=vchunk, **filter_options)
         plan = _plan_filtered(filtered, t, source=s.url, overwrite=overwrite, chunk=chunk, vertex_chunk=vchunk, label=name)
         plan.attrs = _finalize_attrs(filtered, s)
         plans.append(plan)
-    _run(plans, client, description="preproc (filter)", progress=progress)
+    execute_plans(client, plans, description="preproc (filter)", progress=progress)
     for where in scratch:
         RegionStore(where, "preproc").delete()
     return list(targets)
@@ -377,7 +353,7 @@ def epochs(
                          overwrite=overwrite, chunk=_EPOCHS_PER_REGION, label=recording.name)  # fmt: skip
         plan.attrs = _finalize_attrs(result, source)
         plans.append(plan)
-    _run(plans, client, description="epochs", progress=progress)
+    execute_plans(client, plans, description="epochs", progress=progress)
     return [plan.store.location for plan in plans]
 
 
@@ -388,6 +364,6 @@ def write_lazy(
     """Write any lazy result of :mod:`gmfx.preproc` (chunked along its first dimension) as a finished store."""
     plan = plan_lazy(ds, location, stage=stage, source=str(ds.attrs.get("gmfx_source", "")), overwrite=overwrite)
     plan.attrs = {"gmfx_history": ds.attrs.get("gmfx_history", [])}
-    _run([plan], client, description=stage, progress=progress)
+    execute_plans(client, [plan], description=stage, progress=progress)
     return location
 
