@@ -24,7 +24,6 @@ Defaults, from measurements on 640x360 video (``benchmarks/decode.py``):
 from __future__ import annotations
 
 import hashlib
-import posixpath
 import queue
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -216,9 +215,7 @@ def _open_frames_array(store: RegionStore) -> zarr.Array:
     That check (zarr's default ``write_empty_chunks=False``) costs more than compressing the chunk; a
     decoded chunk that is all black is rare and small once compressed.
     """
-    location = store.location
-    kwargs = {} if location.is_local else {"storage_options": dict(location.storage_options)}
-    array = zarr.open_array(posixpath.join(location.url, "frames"), mode="r+", zarr_format=3, **kwargs)
+    array = zarr.open_array(**store.location.child("frames").zarr_kwargs(), mode="r+", zarr_format=3)
     return array.with_config({"write_empty_chunks": True})
 
 

@@ -153,14 +153,10 @@ def _write_region(location: Location, stage: str, index: int, start: int, stop: 
 def _write_vertex_block(location: Location, stage: str, index: int, start: int, stop: int, graph: bytes) -> int:
     """Compute ``v`` for vertices ``start:stop`` over the whole time axis and write it (a task)."""
     (values,) = dask.compute(cloudpickle.loads(graph), scheduler="sync")
-    group = zarr.open_group(location.url, mode="r+", zarr_format=3, **_zarr_options(location))
+    group = zarr.open_group(**location.zarr_kwargs(), mode="r+", zarr_format=3)
     group["v"][:, :, start:stop, :] = values
     RegionStore(location, stage).mark_done(index)
     return stop - start
-
-
-def _zarr_options(location: Location) -> dict[str, Any]:
-    return {} if location.is_local else {"storage_options": dict(location.storage_options)}
 
 
 def _pickled(arrays: Mapping[str, da.Array] | da.Array) -> bytes:

@@ -452,9 +452,8 @@ def _compatible(written: str, running: str) -> bool:
 
 
 def _frames_array(location: Location) -> zarr.Array:
-    kwargs = {} if location.is_local else {"storage_options": dict(location.storage_options)}
     try:
-        return zarr.open_group(location.url, mode="r", zarr_format=3, **kwargs)["frames"]
+        return zarr.open_group(**location.zarr_kwargs(), mode="r", zarr_format=3)["frames"]
     except Exception as error:  # noqa: BLE001
         raise StorageError(
             f"the frames store cannot be read on the worker ({type(error).__name__})",

@@ -190,9 +190,8 @@ class RegionStore:
         return open_dataset(self.location, stage=self.stage, require_complete=require_complete)
 
     def _group(self, mode: str) -> zarr.Group:
-        kwargs = {} if self.location.is_local else {"storage_options": dict(self.location.storage_options)}
         try:
-            return zarr.open_group(self.location.url, mode=mode, zarr_format=3, **kwargs)
+            return zarr.open_group(**self.location.zarr_kwargs(), mode=mode, zarr_format=3)
         except Exception as error:  # noqa: BLE001
             if is_transient(error):
                 raise  # retried by the caller
