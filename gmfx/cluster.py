@@ -112,18 +112,25 @@ def local_gpu_count() -> int:
 
 def gpu_workers(client: Client) -> list[str]:
     """Addresses of the workers that offer the ``GPU`` resource."""
-    info = client.scheduler_info(n_workers=-1)["workers"]
-    return sorted(addr for addr, w in info.items() if w.get("resources", {}).get("GPU", 0) >= 1)
+    return _workers_offering(_workers(client), "GPU")
 
 
 def require_resource(client: Client, resource: str, *, fix: str) -> list[str]:
     """Fail fast unless some worker offers ``resource``; return those workers."""
-    info = client.scheduler_info(n_workers=-1)["workers"]
-    found = sorted(addr for addr, w in info.items() if w.get("resources", {}).get(resource, 0) >= 1)
+    workers = _workers(client)
+    found = _workers_offering(workers, resource)
     if not found:
         raise ClusterError(
-            f"no worker of the cluster offers the {resource} resource ({len(info)} workers)",
+            f"no worker of the cluster offers the {resource} resource ({len(workers)} workers)",
             where=str(client.scheduler.address if client.scheduler else "local cluster"),
             fix=fix,
         )
     return found
+
+
+def _workers(client: Client) -> dict[str, dict]:
+    return client.scheduler_info(n_workers=-1)["workers"]
+
+
+def _workers_offering(workers: dict[str, dict], resource: str) -> list[str]:
+    return sorted(address for address, worker in workers.items() if worker.get("resources", {}).get(resource, 0) >= 1)
