@@ -221,7 +221,7 @@ def decode(
 
       gmfx decode s3://lab/study --out s3://lab/derivatives/gmfx -s client_kwargs.endpoint_url=http://127.0.0.1:9000
     """
-    from gmfx.stages.decode import decode as run_decode
+    from gmfx.stages.decode import run_decode
 
     recordings = sel.recordings()
     with sel.client() as client:
@@ -277,7 +277,7 @@ def recon(
 
       gmfx recon s3://lab/study --scheduler tcp://10.0.0.5:8786 --device cuda --max-faces 2
     """
-    from gmfx.stages.recon import recon as run_recon
+    from gmfx.stages.recon import run_recon
 
     recordings = sel.recordings()
     with sel.client(gpus=_local_gpus(sel, device)) as client:
@@ -369,7 +369,7 @@ def preproc(
 
       gmfx preproc /data/study --highpass 0 --lowpass 0      # align and interpolate only
     """
-    from gmfx.stages.preproc import preproc as run_preproc
+    from gmfx.stages.preproc import run_preproc
 
     recordings = sel.recordings()
     with sel.client() as client:
@@ -461,7 +461,7 @@ def epoch(
 
       gmfx epoch /data/study --anchor warp --baseline mean
     """
-    from gmfx.stages.preproc import epochs as run_epochs
+    from gmfx.stages.preproc import run_epochs
 
     recordings = sel.recordings()
     with sel.client() as client:

@@ -52,9 +52,9 @@ def run_pipeline(
 
     Epochs are cut for the recordings that have an ``_events.tsv``.
     """
-    from gmfx.stages.decode import decode
-    from gmfx.stages.preproc import epochs, preproc
-    from gmfx.stages.recon import recon
+    from gmfx.stages.decode import run_decode
+    from gmfx.stages.preproc import run_epochs, run_preproc
+    from gmfx.stages.recon import run_recon
 
     timings: dict[str, float] = {}
 
@@ -66,10 +66,10 @@ def run_pipeline(
         timings[name] = time.perf_counter() - start
 
     with one_display(enabled=progress):  # one display for the whole run, a row per stage
-        timed("decode", decode, recordings, decode_options)
-        timed("recon", recon, recordings, recon_options)
-        timed("preproc", preproc, recordings, preproc_options)
-        timed("epoch", epochs, [r for r in recordings if r.events is not None], epoch_options)
+        timed("decode", run_decode, recordings, decode_options)
+        timed("recon", run_recon, recordings, recon_options)
+        timed("preproc", run_preproc, recordings, preproc_options)
+        timed("epoch", run_epochs, [r for r in recordings if r.events is not None], epoch_options)
     return [_summarize(recording, out) for recording in recordings], timings
 
 

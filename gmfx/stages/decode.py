@@ -52,7 +52,7 @@ from gmfx.storage import (
 from gmfx.storage._retry import retry_transient
 from gmfx.types import Region, Stage, Task, split_regions
 
-__all__ = ["STAGE", "plan_decode", "decode", "open_frames", "default_chunk_frames"]
+__all__ = ["STAGE", "plan_decode", "run_decode", "open_frames", "default_chunk_frames"]
 
 STAGE = Stage("decode", reads=("video",), writes=("frames",))
 
@@ -219,7 +219,7 @@ def _open_frames_array(store: RegionStore) -> zarr.Array:
     return array.with_config({"write_empty_chunks": True})
 
 
-def decode(
+def run_decode(
     recordings: Sequence[Recording],
     out: Location,
     *,

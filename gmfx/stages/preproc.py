@@ -55,7 +55,7 @@ from gmfx.dataset import Recording
 from gmfx.storage import Location, RegionStore, open_dataset, plan_token, store_location
 from gmfx.types import Stage, Task
 
-__all__ = ["STAGE", "EPOCH_STAGE", "preproc", "epochs", "run_chain", "write_lazy", "chain"]
+__all__ = ["STAGE", "EPOCH_STAGE", "run_preproc", "run_epochs", "run_chain", "write_lazy", "chain"]
 
 STAGE = Stage(name="preproc", reads=("recon",), writes=("preproc",))
 EPOCH_STAGE = Stage(name="epoch", reads=("preproc",), writes=("epoch",))
@@ -301,7 +301,7 @@ def run_chain(
     return list(targets)
 
 
-def preproc(
+def run_preproc(
     recordings: Sequence[Recording],
     out: Location,
     *,
@@ -325,7 +325,7 @@ def preproc(
     )  # fmt: skip
 
 
-def epochs(
+def run_epochs(
     recordings: Sequence[Recording],
     out: Location,
     *,

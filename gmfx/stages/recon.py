@@ -32,7 +32,7 @@ from gmfx.models._tracking import stitch_segments, track_faces
 from gmfx.storage import Location, RegionStore, open_dataset, plan_token, store_location
 from gmfx.types import Region, Stage, Task, split_regions
 
-__all__ = ["STAGE", "LowDetectionWarning", "pack_faces", "plan_recon", "recon", "resolve_device", "segment_ends"]
+__all__ = ["STAGE", "LowDetectionWarning", "pack_faces", "plan_recon", "run_recon", "resolve_device", "segment_ends"]
 
 STAGE = Stage(name="recon", reads=("frames",), writes=("recon",), requires_gpu=False)
 
@@ -150,7 +150,7 @@ def plan_recon(
     return StorePlan(store=store, tasks=tasks, regions=len(regions), attrs=attrs, label=recording.name)
 
 
-def recon(
+def run_recon(
     recordings: Sequence[Recording],
     out: Location,
     *,
@@ -175,9 +175,9 @@ def recon(
         require_resource(client, "GPU", fix=_GPU_FIX)
     undecoded = [r for r in recordings if not RegionStore(store_location(out, r, "decode"), "decode").is_complete()]
     if undecoded:
-        from gmfx.stages.decode import decode
+        from gmfx.stages.decode import run_decode
 
-        decode(undecoded, out, client=client, progress=progress)
+        run_decode(undecoded, out, client=client, progress=progress)
     plans = [
         plan_recon(
             recording,
