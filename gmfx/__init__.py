@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # the same names, imported for type checkers and IDEs
     from gmfx.stages.decode import open_frames, run_decode
     from gmfx.stages.preproc import run_epochs, run_preproc
     from gmfx.stages.recon import run_recon
-    from gmfx.storage import Location
+    from gmfx.storage import Location, LocationLike, open_store
 
 #: public name -> module that defines it; each is imported on first use, so ``import gmfx`` (and the
 #: ``gmfx`` command's start-up) stays fast
@@ -75,6 +75,8 @@ _LAZY = {
     "run_preproc": "gmfx.stages.preproc",
     "run_recon": "gmfx.stages.recon",
     "Location": "gmfx.storage",
+    "LocationLike": "gmfx.storage",
+    "open_store": "gmfx.storage",
 }
 
 __all__ = [
@@ -92,6 +94,7 @@ __all__ = [
     "ParameterError",
     # datasets and storage
     "Location",
+    "LocationLike",
     "Recording",
     "find_recordings",
     "write_example_dataset",
@@ -104,6 +107,7 @@ __all__ = [
     "run_pipeline",
     "RecordingSummary",
     # lazy xarray operations
+    "open_store",
     "open_frames",
     "open_recon",
     "align",

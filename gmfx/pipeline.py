@@ -18,7 +18,7 @@ from distributed import Client
 from gmfx._errors import StorageError
 from gmfx._execute import one_display
 from gmfx.dataset import Recording
-from gmfx.storage import Location, RegionStore, open_dataset, store_location
+from gmfx.storage import Location, LocationLike, RegionStore, as_location, open_dataset, store_location
 
 __all__ = ["RecordingSummary", "run_pipeline", "run_step", "STEP_INPUTS"]
 
@@ -38,7 +38,7 @@ class RecordingSummary:
 
 def run_pipeline(
     recordings: Sequence[Recording],
-    out: Location,
+    out: LocationLike,
     *,
     client: Client,
     decode_options: Mapping[str, Any] | None = None,
@@ -47,11 +47,14 @@ def run_pipeline(
     epoch_options: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> tuple[list[RecordingSummary], dict[str, float]]:
     """Run every stage for ``recordings``; return a summary per recording and seconds per stage.
 
-    Epochs are cut for the recordings that have an ``_events.tsv``.
+    Epochs are cut for the recordings that have an ``_events.tsv``. ``out`` is a path, URL (with
+    ``storage_options``) or :class:`Location`.
     """
+    out = as_location(out, storage_options, where="out")
     from gmfx.stages.decode import run_decode
     from gmfx.stages.preproc import run_epochs, run_preproc
     from gmfx.stages.recon import run_recon
@@ -92,12 +95,13 @@ def _summarize(recording: Recording, out: Location) -> RecordingSummary:
 def run_step(
     step: str,
     recordings: Sequence[Recording],
-    out: Location,
+    out: LocationLike,
     *,
     client: Client,
     options: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> list[Location]:
     """Run one preprocessing step on its own store, as the original tool's ``gmfx_align``,
     ``gmfx_interpolate`` and ``gmfx_filter`` do: align reads the recon store and writes
@@ -106,6 +110,7 @@ def run_step(
     """
     from gmfx.stages.preproc import run_chain
 
+    out = as_location(out, storage_options, where="out")
     source_step = STEP_INPUTS[step]
     sources = [store_location(out, recording, source_step) for recording in recordings]
     for source in sources:

@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import gmfx
 
 INTERNALS = {"Stage", "Region", "Task", "RegionStore", "store_location", "open_dataset", "write_lazy"}
@@ -35,3 +37,41 @@ def test_stage_runners_survive_importing_the_subpackages():
         "assert callable(gmfx.run_preproc) and callable(gmfx.run_decode) and callable(gmfx.run_recon)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_location_like_becomes_the_same_location(tmp_path):
+    from gmfx.storage import as_location
+
+    expected = gmfx.Location(str(tmp_path / "out"))
+    assert as_location(str(tmp_path / "out")) == expected
+    assert as_location(tmp_path / "out") == expected
+    assert as_location(expected) is expected
+    remote = as_location(gmfx.Location("s3://b/out", {"anon": True}), {"key": "k"})
+    assert remote.url == "s3://b/out" and dict(remote.storage_options) == {"anon": True, "key": "k"}
+    with pytest.raises(gmfx.ParameterError, match="out must be a path"):
+        as_location(3, where="out")
+    with pytest.raises(gmfx.ParameterError):
+        gmfx.open_frames(None)
+
+
+def test_open_store_knows_the_stage_and_refuses_other_stores(tmp_path):
+    import numpy as np
+    import xarray as xr
+
+    from gmfx.storage import RegionStore
+
+    ds = xr.Dataset({"v": ("time", np.arange(4.0))})
+    store = RegionStore(gmfx.Location(str(tmp_path / "a_epochs.zarr")), "epoch")
+    store.prepare(ds.chunk(2), plan={"regions": 1})
+    with pytest.raises(gmfx.IncompleteStoreError):
+        gmfx.open_store(tmp_path / "a_epochs.zarr")
+    store.write_region(0, slice(0, 4), {"v": np.arange(4.0)})
+    store.finalize()
+    opened = gmfx.open_store(str(tmp_path / "a_epochs.zarr"))
+    assert opened.attrs["gmfx_stage"] == "epoch"
+    np.testing.assert_array_equal(opened["v"].values, np.arange(4.0))
+    ds.to_zarr(tmp_path / "plain.zarr", zarr_format=3)
+    with pytest.raises(gmfx.StorageError, match="not written by gmfx"):
+        gmfx.open_store(tmp_path / "plain.zarr")
+    with pytest.raises(gmfx.StorageError, match="no gmfx store"):
+        gmfx.open_store(tmp_path / "missing.zarr")

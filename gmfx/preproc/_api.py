@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import dask.array as da
@@ -21,7 +21,7 @@ import xarray as xr
 from gmfx._errors import ParameterError
 from gmfx._version import __version__
 from gmfx.preproc import _epochs, _filters, _resample, _rigid
-from gmfx.storage import Location, open_dataset
+from gmfx.storage import Location, LocationLike, as_location, open_dataset
 
 __all__ = ["open_recon", "align", "interpolate", "filter", "epoch", "DEFAULT_MAX_GAP"]
 
@@ -41,14 +41,9 @@ _REFERENCES = ("template", "first", "mean", "mat")
 _FRAMES_RECIPE = "_gmfx_frames"
 
 
-def open_recon(url_or_location: str | os.PathLike | Location, storage_options: dict | None = None) -> xr.Dataset:
-    """Open a finished recon store lazily."""
-    location = (
-        url_or_location
-        if isinstance(url_or_location, Location)
-        else Location(os.fspath(url_or_location), storage_options or {})
-    )
-    return open_dataset(location, stage="recon")
+def open_recon(location: LocationLike, storage_options: Mapping[str, Any] | None = None) -> xr.Dataset:
+    """Open a finished recon store lazily (a path, URL with ``storage_options``, or :class:`Location`)."""
+    return open_dataset(as_location(location, storage_options), stage="recon")
 
 
 # -- shared helpers -------------------------------------------------------------------------------

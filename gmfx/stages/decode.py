@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import queue
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import dask.array
 import numpy as np
@@ -42,7 +43,9 @@ from gmfx._video import VideoIndex, index_video, iter_segment, output_size, read
 from gmfx.dataset import Recording
 from gmfx.storage import (
     Location,
+    LocationLike,
     RegionStore,
+    as_location,
     open_dataset,
     plan_token,
     redact,
@@ -221,7 +224,7 @@ def _open_frames_array(store: RegionStore) -> zarr.Array:
 
 def run_decode(
     recordings: Sequence[Recording],
-    out: Location,
+    out: LocationLike,
     *,
     client: Client,
     chunk_frames: int | None = None,
@@ -230,13 +233,16 @@ def run_decode(
     compression_level: int = COMPRESSION_LEVEL,
     overwrite: bool = False,
     progress: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> list[Location]:
     """Decode every recording's video into its frames store on ``client``; return the stores.
 
     All recordings run as one submission; a rerun after a failure or an interruption decodes only the
     segments that are missing, and a complete store with the same inputs and parameters is kept as is.
-    See :func:`plan_decode` for the parameters.
+    ``out`` is a path, URL (with ``storage_options``) or :class:`Location`. See :func:`plan_decode`
+    for the other parameters.
     """
+    out = as_location(out, storage_options, where="out")
     if not recordings:
         return []
     plans = [
@@ -256,9 +262,9 @@ def run_decode(
     return [plan.store.location for plan in plans]
 
 
-def open_frames(location: Location) -> xr.Dataset:
+def open_frames(location: LocationLike, storage_options: Mapping[str, Any] | None = None) -> xr.Dataset:
     """Open a complete frames store lazily (``frames`` with ``time`` and ``frame`` coordinates)."""
-    return open_dataset(location, stage=STAGE.name)
+    return open_dataset(as_location(location, storage_options), stage=STAGE.name)
 
 
 def _template(

@@ -52,7 +52,7 @@ from gmfx import preproc as ops
 from gmfx._errors import EventsError
 from gmfx._execute import StorePlan, execute_plans
 from gmfx.dataset import Recording
-from gmfx.storage import Location, RegionStore, open_dataset, plan_token, store_location
+from gmfx.storage import Location, LocationLike, RegionStore, as_location, open_dataset, plan_token, store_location
 from gmfx.types import Stage, Task
 
 __all__ = ["STAGE", "EPOCH_STAGE", "run_preproc", "run_epochs", "run_chain", "write_lazy", "chain"]
@@ -303,7 +303,7 @@ def run_chain(
 
 def run_preproc(
     recordings: Sequence[Recording],
-    out: Location,
+    out: LocationLike,
     *,
     client: Client | None = None,
     align: Options = True,
@@ -311,12 +311,15 @@ def run_preproc(
     filter: Options = True,  # noqa: A002
     overwrite: bool = False,
     progress: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> list[Location]:
     """Align, interpolate and filter each recording's recon store into its preproc store.
 
     ``align``, ``interpolate`` and ``filter`` take ``True`` (defaults), ``False``/``None`` (skip) or a
-    dict of options for :func:`gmfx.preproc.align` etc. Returns the preproc stores' locations.
+    dict of options for :func:`gmfx.preproc.align` etc. ``out`` is a path, URL (with
+    ``storage_options``) or :class:`Location`. Returns the preproc stores' locations.
     """
+    out = as_location(out, storage_options, where="out")
     return run_chain(
         [store_location(out, r, "recon") for r in recordings],
         [store_location(out, r, "preproc") for r in recordings],
@@ -327,14 +330,16 @@ def run_preproc(
 
 def run_epochs(
     recordings: Sequence[Recording],
-    out: Location,
+    out: LocationLike,
     *,
     client: Client | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> list[Location]:
     """Cut each recording's preproc store into epochs around its events (``options`` go to :func:`gmfx.preproc.epoch`)."""
+    out = as_location(out, storage_options, where="out")
     plans = []
     for recording in recordings:
         if recording.events is None:

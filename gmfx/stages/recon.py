@@ -29,7 +29,7 @@ from gmfx.cluster import gpu_workers, require_resource
 from gmfx.dataset import Recording
 from gmfx.models import Backend, Face, get_backend, load_backend
 from gmfx.models._tracking import stitch_segments, track_faces
-from gmfx.storage import Location, RegionStore, open_dataset, plan_token, store_location
+from gmfx.storage import Location, LocationLike, RegionStore, as_location, open_dataset, plan_token, store_location
 from gmfx.types import Region, Stage, Task, split_regions
 
 __all__ = ["STAGE", "LowDetectionWarning", "pack_faces", "plan_recon", "run_recon", "resolve_device", "segment_ends"]
@@ -152,7 +152,7 @@ def plan_recon(
 
 def run_recon(
     recordings: Sequence[Recording],
-    out: Location,
+    out: LocationLike,
     *,
     client: Client,
     model: str | type[Backend] = "mediapipe",
@@ -163,12 +163,15 @@ def run_recon(
     progress: bool = True,
     segment_frames: int = SEGMENT_FRAMES,
     model_options: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> list[Location]:
     """Reconstruct every recording's faces on the cluster; return the recon stores' locations.
 
     Recordings without a complete frames store are decoded first. GPU models (or ``device="cuda"``)
-    run only on workers offering the ``GPU`` resource, and fail at once when there is none.
+    run only on workers offering the ``GPU`` resource, and fail at once when there is none. ``out``
+    is a path, URL (with ``storage_options``) or :class:`Location`.
     """
+    out = as_location(out, storage_options, where="out")
     backend = get_backend(model)
     device = resolve_device(backend, device, client)
     if device.startswith("cuda"):
