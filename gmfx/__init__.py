@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # the same names, imported for type checkers and IDEs
         EventsError,
         FrameTimesError,
         GmfxError,
+        GmfxWarning,
         IncompleteStoreError,
         ModelError,
         ParameterError,
@@ -47,6 +48,7 @@ _LAZY = {
     "EventsError": "gmfx._errors",
     "FrameTimesError": "gmfx._errors",
     "GmfxError": "gmfx._errors",
+    "GmfxWarning": "gmfx._errors",
     "IncompleteStoreError": "gmfx._errors",
     "ModelError": "gmfx._errors",
     "ParameterError": "gmfx._errors",
@@ -92,6 +94,7 @@ __all__ = [
     "ClusterError",
     "ModelError",
     "ParameterError",
+    "GmfxWarning",
     # datasets and storage
     "Location",
     "LocationLike",

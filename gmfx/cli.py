@@ -10,6 +10,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import re
 import sys
 import typing
 from collections.abc import Callable, Iterator
@@ -156,11 +157,28 @@ def _session(
         )
         yield selection
     except GmfxError as error:
-        typer.echo(redact(f"error: {error}", options), err=True)
+        typer.echo(redact(f"error: {_in_flags(str(error))}", options), err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo("interrupted: finished regions are kept; run the same command again to resume", err=True)
         raise typer.Exit(130) from None
+
+
+#: library parameters whose command-line option has another name
+_FLAG_NAMES = {"options": "model-option", "model_options": "model-option", "storage_options": "storage-option"}
+
+
+def _in_flags(message: str) -> str:
+    """A library error in the command line's words: ``run_recon(max_faces=...)`` becomes ``--max-faces``, ``run_recon(device="cpu")`` ``--device cpu``,
+    where the command line has that option (parameters it does not expose keep their library name)."""
+    flags = {opt for command in typer.main.get_command(app).commands.values() for p in command.params for opt in p.opts}
+
+    def flag(match: re.Match) -> str:
+        name = "--" + _FLAG_NAMES.get(match[2], match[2]).replace("_", "-")
+        value = "" if match[3] == "..." else " " + match[3].strip("'\"")
+        return name + value if name in flags else match[0]
+
+    return re.sub(r"\b(\w+)\((\w+)=(\.\.\.|\"[^\"]*\"|'[^']*'|[\w.:-]+)\)", flag, message)
 
 
 #: the options every dataset command takes, in the order --help shows them

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gmfx._errors import DatasetError
+from gmfx._errors import DatasetError, parameter
 from gmfx.storage._location import Location, LocationLike, as_location
 
 __all__ = ["Recording", "find_recordings", "normalize_participant_label", "VIDEO_EXTENSIONS"]
@@ -78,15 +78,15 @@ def normalize_participant_label(label: str) -> str:
     if "/" in raw or "\\" in raw or ".." in raw:
         raise DatasetError(
             f"participant label {label!r} contains a path separator or '..'",
-            where="--participant-label",
-            fix="give the label only, e.g. --participant-label 01 or --participant-label sub-01",
+            where=parameter("find_recordings", "participant_label"),
+            fix="give the label only, e.g. 01 or sub-01",
         )
     value = raw.removeprefix("sub-")
     if not re.fullmatch(_LABEL, value):
         raise DatasetError(
             f"participant label {label!r} is not a BIDS label (letters and digits only)",
-            where="--participant-label",
-            fix="give the label only, e.g. --participant-label 01",
+            where=parameter("find_recordings", "participant_label"),
+            fix="give the label only, e.g. 01",
         )
     return value
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from distributed import Client
 
+from gmfx._checks import check_options
 from gmfx._errors import StorageError
 from gmfx._execute import one_display
 from gmfx.dataset import Recording
@@ -54,10 +55,23 @@ def run_pipeline(
     Epochs are cut for the recordings that have an ``_events.tsv``. ``out`` is a path, URL (with
     ``storage_options``) or :class:`Location`.
     """
-    out = as_location(out, storage_options, where="out")
+    from gmfx import preproc as gmfx_preproc
+    from gmfx.preproc import epoch
     from gmfx.stages.decode import run_decode
     from gmfx.stages.preproc import run_epochs, run_preproc
     from gmfx.stages.recon import run_recon
+
+    out = as_location(out, storage_options, where="out")
+    for name, options, target in (
+        ("decode_options", decode_options, run_decode),
+        ("recon_options", recon_options, run_recon),
+        ("preproc_options", preproc_options, run_preproc),
+        ("epoch_options", epoch_options, epoch),
+    ):
+        check_options(options, target, function="run_pipeline", name=name)
+    for step, value in dict(preproc_options or {}).items():
+        if isinstance(value, Mapping):  # the steps' own options, before any stage runs
+            check_options(value, getattr(gmfx_preproc, step), function="run_pipeline", name=f"preproc_options[{step!r}]")
 
     timings: dict[str, float] = {}
 

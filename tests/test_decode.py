@@ -303,5 +303,5 @@ def test_default_chunk_frames_stay_under_64_mib(width, height, frames):
 @pytest.mark.parametrize("option", ["chunk_frames", "segment_frames", "max_size"])
 def test_bad_parameters(dataset, tmp_path, option):
     recording = recordings(dataset, "gen")[0]
-    with pytest.raises(ParameterError, match=re.escape(f"--{option.replace('_', '-')}")):
+    with pytest.raises(ParameterError, match=re.escape(f"run_decode({option}=...)")):
         plan_decode(recording, Location(str(tmp_path)), **{option: 0})

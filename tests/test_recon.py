@@ -169,7 +169,7 @@ def test_gpu_model_without_gpu_workers_fails_before_any_work(dask_client, square
     recordings, out, _ = square_video
     with pytest.raises(ClusterError) as info:
         run_recon(recordings, out, client=dask_client, model=GpuBrightSquareBackend, progress=False)
-    assert "--resources GPU=1" in str(info.value) and "--device cpu" in str(info.value)
+    assert "--resources GPU=1" in str(info.value) and "run_recon(device='cpu')" in str(info.value)
     with pytest.raises(ModelError, match="needs a GPU"):
         run_recon(recordings, out, client=dask_client, model=GpuBrightSquareBackend, device="cpu", progress=False)
     with pytest.raises(ModelError, match="CPU only|runs on cpu only"):

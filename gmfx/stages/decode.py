@@ -36,7 +36,7 @@ import zarr
 from distributed import Client
 from zarr.codecs import ZstdCodec
 
-from gmfx._errors import ParameterError
+from gmfx._errors import ParameterError, parameter
 from gmfx._execute import StorePlan, execute_plans
 from gmfx._version import __version__
 from gmfx._video import VideoIndex, index_video, iter_segment, output_size, read_frame_times
@@ -295,6 +295,6 @@ def _check_positive(**values: int | None) -> None:
         if value is not None and value < 1:
             raise ParameterError(
                 f"{name} must be a positive number of {'pixels' if name == 'max_size' else 'frames'}, not {value}",
-                where=f"--{name.replace('_', '-')}",
-                fix=f"give a value of 1 or more, or leave --{name.replace('_', '-')} out for the default",
+                where=parameter("run_decode", name),
+                fix="give a value of 1 or more, or leave it out for the default",
             )

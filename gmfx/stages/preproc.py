@@ -49,6 +49,7 @@ from distributed import Client
 from zarr.codecs import BloscCodec
 
 from gmfx import preproc as ops
+from gmfx._checks import check_options
 from gmfx._errors import EventsError
 from gmfx._execute import StorePlan, execute_plans
 from gmfx.dataset import Recording
@@ -267,6 +268,9 @@ def run_chain(
     labels: Sequence[str] | None = None,
 ) -> list[Location]:
     """Run the chain on each recon store of ``sources`` and write each preproc store of ``targets``."""
+    for step, value in (("align", align), ("interpolate", interpolate), ("filter", filter)):
+        if isinstance(value, Mapping):
+            check_options(value, getattr(ops, step), function="run_preproc", name=step)
     labels = list(labels or [t.url for t in targets])
     filter_options = _options(filter)
     recons = [open_dataset(s, stage="recon") for s in sources]
@@ -340,6 +344,7 @@ def run_epochs(
 ) -> list[Location]:
     """Cut each recording's preproc store into epochs around its events (``options`` go to :func:`gmfx.preproc.epoch`)."""
     out = as_location(out, storage_options, where="out")
+    check_options(options, ops.epoch, function="run_epochs", name="options")
     plans = []
     for recording in recordings:
         if recording.events is None:

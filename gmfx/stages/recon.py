@@ -22,7 +22,7 @@ import xarray as xr
 import zarr
 from distributed import Client
 
-from gmfx._errors import ModelError, ParameterError, StorageError
+from gmfx._errors import GmfxWarning, ModelError, ParameterError, StorageError, parameter
 from gmfx._execute import StorePlan, run_tasks
 from gmfx._version import __version__
 from gmfx.cluster import gpu_workers, require_resource
@@ -43,12 +43,13 @@ SEGMENT_FRAMES = 256
 LOW_DETECTION_FRACTION = 0.5
 _FRAMES_VARIABLES = {"frames": ("time", "y", "x", "rgb"), "time": ("time",), "frame": ("time",)}
 _GPU_FIX = (
-    "start workers that offer a GPU: `dask worker SCHEDULER_ADDRESS --resources GPU=1` (one per GPU), "
-    "or `gmfx recon --gpus N` for a local cluster; or run on the CPU with --device cpu"
+    "start workers that offer a GPU: `dask worker SCHEDULER_ADDRESS --resources GPU=1` (one per GPU); "
+    "for a local cluster use gmfx.connect(gpus=N) (the gmfx command without --scheduler starts one GPU "
+    "worker per visible NVIDIA GPU by itself); or run on the CPU with run_recon(device='cpu')"
 )
 
 
-class LowDetectionWarning(UserWarning):
+class LowDetectionWarning(GmfxWarning):
     """A face was found in few frames of a recording."""
 
 
@@ -57,22 +58,22 @@ def resolve_device(backend: type[Backend], device: str, client: Client | None = 
     worker exists and the backend runs on it); never touches CUDA in this process."""
     if device != "auto" and device != "cpu" and not device.startswith("cuda"):
         raise ParameterError(
-            f"unknown device {device!r}", where="--device", fix="use auto, cpu, cuda or cuda:N"
+            f"unknown device {device!r}", where=parameter("run_recon", "device"), fix="use auto, cpu, cuda or cuda:N"
         )
     if device == "auto":
         has_gpu = backend.requires_gpu or bool(client is not None and gpu_workers(client))
         device = "cuda" if has_gpu and "cuda" in backend.devices else "cpu"
     if backend.requires_gpu and device == "cpu":
         raise ModelError(
-            f"the model {backend.name!r} needs a GPU and cannot run with --device cpu",
-            where="--device",
-            fix="use --device cuda (or auto) on a cluster with GPU workers, or choose a CPU model",
+            f"the model {backend.name!r} needs a GPU and cannot run on the CPU",
+            where=parameter("run_recon", "device"),
+            fix='use run_recon(device="cuda") (or "auto") on a cluster with GPU workers, or choose a CPU model',
         )
     if device.split(":")[0] not in backend.devices:
         raise ModelError(
             f"the model {backend.name!r} runs on {', '.join(backend.devices)} only, not on {device}",
-            where="--device",
-            fix=f"use --device {backend.devices[0]} (or auto)",
+            where=parameter("run_recon", "device"),
+            fix=f'use run_recon(device="{backend.devices[0]}") (or "auto")',
         )
     return device
 
@@ -98,10 +99,10 @@ def plan_recon(
     backend = get_backend(model)
     device = resolve_device(backend, device, client)
     if max_faces < 1:
-        raise ParameterError(f"max_faces must be at least 1, not {max_faces}", where="--max-faces", fix="use 1 or more")
+        raise ParameterError(f"max_faces must be at least 1, not {max_faces}", where=parameter("run_recon", "max_faces"), fix="use 1 or more")
     batch = batch_size or backend.batch_size
     if batch < 1:
-        raise ParameterError(f"batch_size must be at least 1, not {batch}", where="--batch-size", fix="use 1 or more")
+        raise ParameterError(f"batch_size must be at least 1, not {batch}", where=parameter("run_recon", "batch_size"), fix="use 1 or more")
     options = dict(model_options or {})
     frames_location = store_location(out, recording, "decode")
     frames = _open_frames(frames_location)
@@ -414,10 +415,13 @@ def _warn_if_few_faces(store: RegionStore) -> None:
     fraction = float(detected.mean()) if detected.size else 0.0
     if fraction < LOW_DETECTION_FRACTION:
         warnings.warn(
-            f"a face was found in {fraction:.1%} of the {detected.size} frames (their vertices are NaN, "
-            f"detected=False); where: {store.location.url}; how to fix: check that the video shows a face, "
-            "or lower the model's detection threshold (e.g. min_detection_confidence)",
-            LowDetectionWarning,
+            LowDetectionWarning(
+                f"a face was found in {fraction:.1%} of the {detected.size} frames (their vertices are NaN, "
+                "detected=False)",
+                where=store.location.url,
+                fix="check that the video shows a face, or lower the model's detection threshold "
+                "(e.g. min_detection_confidence)",
+            ),
             stacklevel=3,
         )
 
