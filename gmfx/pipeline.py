@@ -19,12 +19,10 @@ from gmfx._checks import check_options
 from gmfx._errors import StorageError
 from gmfx._execute import one_display
 from gmfx.dataset import Recording
+from gmfx.types import STAGES
 from gmfx.storage import Location, LocationLike, RegionStore, as_location, open_dataset, store_location
 
-__all__ = ["RecordingSummary", "run_pipeline", "run_step", "STEP_INPUTS"]
-
-#: the store each single preprocessing step reads, as in the original tool's chain
-STEP_INPUTS = {"align": "recon", "interpolate": "align", "filter": "interpolate"}
+__all__ = ["RecordingSummary", "run_pipeline", "run_step"]
 
 
 @dataclass(frozen=True)
@@ -125,7 +123,7 @@ def run_step(
     from gmfx.stages.preproc import run_chain
 
     out = as_location(out, storage_options, where="out")
-    source_step = STEP_INPUTS[step]
+    source_step = STAGES[step].reads
     sources = [store_location(out, recording, source_step) for recording in recordings]
     for source in sources:
         if RegionStore(source, source_step).attrs() is None:

@@ -75,3 +75,23 @@ def test_open_store_knows_the_stage_and_refuses_other_stores(tmp_path):
         gmfx.open_store(tmp_path / "plain.zarr")
     with pytest.raises(gmfx.StorageError, match="no gmfx store"):
         gmfx.open_store(tmp_path / "missing.zarr")
+
+
+def test_one_table_of_stages_names_every_store_the_readme_shows():
+    import pathlib
+    import typer
+
+    from gmfx.cli import app
+    from gmfx.types import STAGES
+
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    commands = set(typer.main.get_command(app).commands)
+    for stage in STAGES.values():
+        assert f"_{stage.suffix}.zarr" in readme, stage
+        assert stage.name in commands, stage  # each stage is a command of the same name
+        chain, seen = stage, set()
+        while chain.reads is not None:  # every input leads back to the videos
+            assert chain.name not in seen
+            seen.add(chain.name)
+            chain = STAGES[chain.reads]
+        assert chain.name == "decode"

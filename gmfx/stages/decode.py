@@ -53,11 +53,11 @@ from gmfx.storage import (
     write_dataset_description,
 )
 from gmfx.storage._retry import retry_transient
-from gmfx.types import Region, Stage, Task, split_regions
+from gmfx.types import STAGES, Region, Task, split_regions
 
 __all__ = ["STAGE", "plan_decode", "run_decode", "open_frames", "default_chunk_frames"]
 
-STAGE = Stage("decode", reads=("video",), writes=("frames",))
+STAGE = STAGES["decode"]
 
 #: chunks hold at most this many frames, and at most ``MAX_CHUNK_BYTES`` raw
 MAX_CHUNK_FRAMES = 64

@@ -9,7 +9,9 @@ Layout (per recording, below the output root ``out``)::
     <name>_epochs.zarr              epochs of the preproc store around the events of ``<name>_events.tsv``
 
 Each single step (``gmfx align``, ``gmfx interpolate``, ``gmfx filter``) is the chain with the other
-steps switched off, reading the recon store and writing the preproc store.
+steps switched off, reading the store of the step before it and writing its own
+(``<name>_aligned.zarr``, ``<name>_interpolated.zarr``, ``<name>_filtered.zarr``; see
+:data:`gmfx.types.STAGES`).
 
 Writing. A lazy result chunked along its first dimension is written as a template plus one region per
 chunk (a task each, on the Dask client when one is given). A filter needs each vertex's whole time
@@ -54,12 +56,9 @@ from gmfx._errors import EventsError
 from gmfx._execute import StorePlan, execute_plans
 from gmfx.dataset import Recording
 from gmfx.storage import Location, LocationLike, RegionStore, as_location, open_dataset, plan_token, store_location
-from gmfx.types import Stage, Task
+from gmfx.types import Task
 
-__all__ = ["STAGE", "EPOCH_STAGE", "run_preproc", "run_epochs", "run_chain", "write_lazy", "chain"]
-
-STAGE = Stage(name="preproc", reads=("recon",), writes=("preproc",))
-EPOCH_STAGE = Stage(name="epoch", reads=("preproc",), writes=("epoch",))
+__all__ = ["run_preproc", "run_epochs", "run_chain", "write_lazy", "chain"]
 
 #: float32 bytes of ``v`` per vertex block of a filtered store (the filter holds ~3x that in float64)
 _BLOCK_BYTES = 48 * 2**20

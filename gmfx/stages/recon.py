@@ -30,11 +30,11 @@ from gmfx.dataset import Recording
 from gmfx.models import Backend, Face, get_backend, load_backend
 from gmfx.models._tracking import stitch_segments, track_faces
 from gmfx.storage import Location, LocationLike, RegionStore, as_location, open_dataset, plan_token, store_location
-from gmfx.types import Region, Stage, Task, split_regions
+from gmfx.types import STAGES, Region, Task, split_regions
 
 __all__ = ["STAGE", "LowDetectionWarning", "pack_faces", "plan_recon", "run_recon", "resolve_device", "segment_ends"]
 
-STAGE = Stage(name="recon", reads=("frames",), writes=("recon",), requires_gpu=False)
+STAGE = STAGES["recon"]
 
 #: frames per task (rounded to whole frames-store chunks): restarting MediaPipe's tracker costs about
 #: 20 ms (under 2% of 256 frames), and short segments spread a video evenly over the workers
