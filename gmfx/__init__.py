@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # the same names, imported for type checkers and IDEs
         VideoError,
     )
     from gmfx._example import write_example_dataset
+    from gmfx._study import IncompleteStudyWarning, open_study
     from gmfx.cluster import connect
     from gmfx.dataset import Recording, find_recordings
     from gmfx.models import Backend, Topology, available_backends, get_backend, register_backend
@@ -55,6 +56,8 @@ _LAZY = {
     "StorageError": "gmfx._errors",
     "VideoError": "gmfx._errors",
     "write_example_dataset": "gmfx._example",
+    "IncompleteStudyWarning": "gmfx._study",
+    "open_study": "gmfx._study",
     "connect": "gmfx.cluster",
     "Recording": "gmfx.dataset",
     "find_recordings": "gmfx.dataset",
@@ -111,6 +114,8 @@ __all__ = [
     "RecordingSummary",
     # lazy xarray operations
     "open_store",
+    "open_study",
+    "IncompleteStudyWarning",
     "open_frames",
     "open_recon",
     "align",
