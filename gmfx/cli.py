@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import logging
 import re
 import sys
 import typing
@@ -20,6 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from gmfx._errors import GmfxError
+from gmfx._logs import filtered_child_stderr, python_logs
 from gmfx.storage import Location, default_output, parse_key_values, parse_storage_options, redact
 
 app = typer.Typer(
@@ -71,7 +71,7 @@ OverwriteOpt = Annotated[
     bool, typer.Option("--overwrite/--resume", help="Redo finished work, or resume (the default): only missing regions run.")
 ]
 ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="Show progress bars.")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Log what gmfx does.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Print everything: Dask logs, native model logs from the workers, library deprecation warnings.")]
 DeviceOpt = Annotated[
     str,
     typer.Option(
@@ -112,6 +112,7 @@ class Selection:
     workers: int | None
     overwrite: bool
     progress: bool
+    verbose: bool = False
 
     def recordings(self):
         from gmfx.dataset import find_recordings
@@ -122,7 +123,8 @@ class Selection:
     def client(self, gpus: int = 0):
         from gmfx.cluster import connect
 
-        with connect(self.scheduler, workers=self.workers, gpus=gpus) as client:
+        with filtered_child_stderr(self.verbose) as started, connect(self.scheduler, workers=self.workers, gpus=gpus) as client:
+            started()
             yield client
 
 
@@ -141,27 +143,28 @@ def _session(
 ) -> Iterator[Selection]:
     """Parse the shared options, and turn failures into one clear message and a non-zero exit."""
     options: dict[str, Any] = {}
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        options = parse_storage_options(storage_option)
-        root = Location(input, options)
-        selection = Selection(
-            root=root,
-            out=Location(out, options) if out else default_output(root),
-            participant_label=participant_label,
-            task=task,
-            scheduler=scheduler,
-            workers=workers,
-            overwrite=overwrite,
-            progress=progress,
-        )
-        yield selection
-    except GmfxError as error:
-        typer.echo(redact(f"error: {_in_flags(str(error))}", options), err=True)
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        typer.echo("interrupted: finished regions are kept; run the same command again to resume", err=True)
-        raise typer.Exit(130) from None
+    with python_logs(verbose):
+        try:
+            options = parse_storage_options(storage_option)
+            root = Location(input, options)
+            selection = Selection(
+                root=root,
+                out=Location(out, options) if out else default_output(root),
+                participant_label=participant_label,
+                task=task,
+                scheduler=scheduler,
+                workers=workers,
+                overwrite=overwrite,
+                progress=progress,
+                verbose=verbose,
+            )
+            yield selection
+        except GmfxError as error:
+            typer.echo(redact(f"error: {_in_flags(str(error))}", options), err=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted: finished regions are kept; run the same command again to resume", err=True)
+            raise typer.Exit(130) from None
 
 
 #: library parameters whose command-line option has another name
