@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # the same names, imported for type checkers and IDEs
     from gmfx.models import Backend, Topology, available_backends, get_backend, register_backend
     from gmfx.pipeline import RecordingSummary, run_pipeline
     from gmfx.preproc import MOTION_PARAMS, align, epoch, filter, interpolate, open_recon
+    from gmfx.preproc import evoked, to_mne
     from gmfx.stages.decode import decode, open_frames
     from gmfx.stages.preproc import epochs, preproc, write_lazy
     from gmfx.stages.recon import recon
@@ -70,6 +71,8 @@ _LAZY = {
     "filter": "gmfx.preproc",
     "interpolate": "gmfx.preproc",
     "open_recon": "gmfx.preproc",
+    "evoked": "gmfx.preproc",
+    "to_mne": "gmfx.preproc",
     "decode": "gmfx.stages.decode",
     "open_frames": "gmfx.stages.decode",
     "epochs": "gmfx.stages.preproc",
@@ -122,6 +125,8 @@ __all__ = [
     "interpolate",
     "filter",
     "epoch",
+    "evoked",
+    "to_mne",
     "MOTION_PARAMS",
     # models
     "Backend",

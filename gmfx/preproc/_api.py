@@ -7,6 +7,7 @@ Every result appends one JSON record to ``attrs["gmfx_history"]``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -192,6 +193,57 @@ def _with_motion(variables: dict[str, tuple], ds: xr.Dataset) -> None:
 
 
 # -- align ----------------------------------------------------------------------------------------
+def _user_reference(reference, n_face: int, n_vertex: int) -> tuple[np.ndarray, str]:
+    """A user's reference shape, ``(vertex, 3)`` or ``(face, vertex, 3)`` float64, and how to record it."""
+    if isinstance(reference, (np.ndarray, xr.DataArray)):
+        shape, where = np.asarray(reference, dtype=np.float64), "align(reference=<array>)"
+        label = f"array sha1:{hashlib.sha1(np.ascontiguousarray(shape).tobytes()).hexdigest()[:12]}"
+    elif isinstance(reference, (str, os.PathLike, Location)):
+        location = reference if isinstance(reference, Location) else Location(os.fspath(reference))
+        where = label = location.url
+        if not location.exists():
+            raise ParameterError(
+                f"unknown alignment reference {location.url!r}: neither one of {_REFERENCES} nor an existing store",
+                where="align(reference=...)",
+                fix=f"use one of {_REFERENCES}, an array (vertex, 3), or the path of a gmfx store with 'v'",
+            )
+        stored = xr.open_zarr(**location.zarr_kwargs())
+        if stored.attrs.get("gmfx_complete") is False:
+            from gmfx._errors import IncompleteStoreError
+
+            raise IncompleteStoreError("the reference store is incomplete", where=where, fix="finish the stage that writes it")
+        if "v" not in stored.variables or not {"vertex", "coord"} <= set(stored["v"].dims):
+            raise ParameterError(
+                f"the reference store has no variable 'v' with dims (..., vertex, coord) (variables: {sorted(map(str, stored.data_vars))})",
+                where=where,
+                fix="give a gmfx recon, preproc, epochs or evoked store, or an array (vertex, 3)",
+            )
+        keep = [d for d in ("face", "vertex", "coord") if d in stored["v"].dims]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            shape = stored["v"].mean([d for d in stored["v"].dims if d not in keep]).transpose(*keep).values.astype(np.float64)
+    else:
+        raise ParameterError(
+            f"unknown alignment reference {reference!r}",
+            where="align(reference=...)",
+            fix=f"use one of {_REFERENCES}, an array (vertex, 3), or the path of a gmfx store",
+        )
+    if shape.ndim not in (2, 3) or shape.shape[-2:] != (n_vertex, 3) or (shape.ndim == 3 and shape.shape[0] not in (1, n_face)):
+        raise ParameterError(
+            f"the alignment reference has shape {shape.shape}; this mesh needs ({n_vertex}, 3) "
+            f"({n_vertex} vertices), or ({n_face}, {n_vertex}, 3) with one shape per face",
+            where=where,
+            fix="give a shape of the same mesh topology (same model and vertex count)",
+        )
+    if not np.isfinite(shape).all():
+        raise ParameterError(
+            f"the alignment reference has {int((~np.isfinite(shape)).sum())} non-finite coordinates",
+            where=where,
+            fix="give a complete shape (e.g. a mean over frames where the face was found)",
+        )
+    return (shape[0] if shape.ndim == 3 and shape.shape[0] == 1 else shape), label
+
+
 def _alignment_weights(ds: xr.Dataset, vertices) -> np.ndarray:
     n = ds.sizes["vertex"]
     if vertices is None:
@@ -269,7 +321,7 @@ def _fit(data: da.Array, reference: da.Array, weights: np.ndarray, scale: bool) 
 def align(
     ds: xr.Dataset,
     *,
-    reference: str = "template",
+    reference: str | os.PathLike | Location | np.ndarray | xr.DataArray = "template",
     vertices: Sequence[int] | np.ndarray | None = None,
     scale: bool = False,
     _target: np.ndarray | None = None,
@@ -283,7 +335,11 @@ def align(
     reference
         ``"template"`` (the store's canonical mesh), ``"first"`` (each face's first valid frame),
         ``"mean"`` (mean shape after aligning to the first frame; two passes, still lazy), or ``"mat"``
-        (invert the backend's own local -> world ``mat``, no fit).
+        (invert the backend's own local -> world ``mat``, no fit); or a shape of your own to align a
+        whole study to: an array ``(vertex, 3)`` (or ``(face, vertex, 3)``), or the path or
+        :class:`~gmfx.storage.Location` of a gmfx store whose ``v`` averaged over everything but
+        ``(face,) vertex, coord`` is the shape (e.g. one participant's preproc or evoked store; read
+        once, when ``align`` is called).
     vertices
         Indices or boolean mask of the vertices to fit on (default: ``rigid_weight`` or ``rigid``).
     scale
@@ -300,10 +356,9 @@ def align(
     instead of letting every task recompute it.
     """
     v = _require(ds, "v", ("time", "face", "vertex", "coord"), "align")
-    if reference not in _REFERENCES:
-        raise ParameterError(
-            f"unknown alignment reference {reference!r}", where="align(reference=...)", fix=f"use one of {_REFERENCES}"
-        )
+    user_shape = None
+    if not (isinstance(reference, str) and reference in _REFERENCES):
+        user_shape, reference = _user_reference(reference, v.sizes["face"], v.sizes["vertex"])
     if v.attrs.get("space") == "local":
         raise ParameterError(
             "the vertices are already in local space (aligned)",
@@ -318,7 +373,9 @@ def align(
     else:
         weights = _alignment_weights(ds, vertices)
         parameters["vertices"] = int((weights > 0).sum())
-        if reference == "template":
+        if user_shape is not None:
+            target = da.from_array(np.broadcast_to(user_shape, data.shape[1:]).astype(np.float64))
+        elif reference == "template":
             template = np.asarray(_require(ds, "template", ("vertex", "coord"), "align(reference='template')").values)
             target = da.from_array(np.broadcast_to(template, data.shape[1:]).astype(np.float64))
         elif _target is not None:
