@@ -348,7 +348,8 @@ def align(
     Returns
     -------
     Dataset with ``v`` in local space, ``mat`` (local -> world, the inverse of each fit) and ``motion``
-    (time, face, motion_param): translation, rotation in degrees, scales and shears of ``mat``.
+    (time, face, motion_param): translation, rotation in degrees (rx and rz in [-90, 270), continuous
+    through +/-180), scales and shears of ``mat``; every later operation derives it from ``mat`` again.
 
     For ``"first"`` and ``"mean"`` the reference shape is a reduction over the whole recording; the
     lazy ``v`` carries it as ``v.data._gmfx_target`` so that a writer that splits the work into many
