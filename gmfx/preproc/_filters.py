@@ -151,13 +151,20 @@ def sosfiltfilt(sos: np.ndarray, x: np.ndarray) -> np.ndarray:
         raise ValueError(f"The length of the input vector x must be greater than padlen, which is {edge}.")
     ext = np.empty((n + 2 * edge,) + x.shape[1:], dtype=np.float64)
     ext[edge : edge + n] = x
+    _filtfilt_padded(sos, ext, edge)
+    return ext[edge : edge + n]
+
+
+def _filtfilt_padded(sos: np.ndarray, ext: np.ndarray, edge: int) -> None:
+    """Odd-pad the series in ``ext[edge:-edge]`` into its ``edge`` rows each side, then filter ``ext`` forward
+    and backward in place, each pass from the steady state of its first sample (``sosfiltfilt``'s start)."""
+    n = ext.shape[0] - 2 * edge
     if edge:
         ext[:edge] = 2 * ext[edge] - ext[2 * edge : edge : -1]
         ext[edge + n :] = 2 * ext[edge + n - 1] - ext[edge + n - 2 : n - 2 : -1]
     steady = signal.sosfilt_zi(sos)[:, :, None]
     _sos_run(sos, ext, steady * ext[0][None, None], False)
     _sos_run(sos, ext, steady * ext[-1][None, None], True)
-    return ext[edge : edge + n]
 
 
 def valid_stretches(valid: np.ndarray) -> list[slice]:
@@ -168,10 +175,6 @@ def valid_stretches(valid: np.ndarray) -> list[slice]:
 
 def _zero_state_pass(sos: np.ndarray, x: np.ndarray, *, reverse: bool) -> None:
     """Filter ``x`` ``(time, column)`` float64 in place by ``sos`` from a zero state (forward or backward)."""
-    if numba is None:
-        view = x[::-1] if reverse else x
-        view[:] = signal.sosfilt(sos, view, axis=0)
-        return
     _sos_run(np.ascontiguousarray(sos, dtype=np.float64), x, np.zeros((len(sos), 2, x.shape[1])), reverse)
 
 
@@ -185,18 +188,29 @@ def _filter_stretch(piece: np.ndarray, sos: np.ndarray, highpass_sections: int, 
     With a high-pass, the filtered stretch is re-centred: the mean shape is kept exactly.
     """
     mean = piece.mean(axis=0, dtype=np.float64)
-    work = np.array(piece, dtype=np.float64, order="C")
-    work -= mean
     highpass, lowpass = sos[:highpass_sections], sos[highpass_sections:]
-    if len(highpass):
-        _zero_state_pass(highpass, work, reverse=False)
-        if not causal:
-            _zero_state_pass(highpass, work, reverse=True)
-    if len(lowpass):
-        if causal:
-            work = sosfilt(lowpass, work, zi=signal.sosfilt_zi(lowpass)[:, :, None] * work[0][None, None, :])
-        else:
-            work = sosfiltfilt(lowpass, work)
+    if numba is None:  # SciPy, one column at a time
+        work = np.asarray(piece, dtype=np.float64) - mean
+        if len(highpass):
+            work = signal.sosfilt(highpass, work, axis=0)
+            if not causal:
+                work = signal.sosfilt(highpass, work[::-1], axis=0)[::-1]
+        if len(lowpass):
+            zi = signal.sosfilt_zi(lowpass)[:, :, None] * work[0][None, None, :]
+            work = signal.sosfilt(lowpass, work, axis=0, zi=zi)[0] if causal else signal.sosfiltfilt(lowpass, work, axis=0)
+    else:  # one float64 buffer (with the low-pass's padding around it), filtered in place by the numba kernel
+        edge = padding_samples(lowpass) if len(lowpass) and not causal else 0
+        ext = np.empty((piece.shape[0] + 2 * edge, piece.shape[1]), dtype=np.float64)
+        work = ext[edge : edge + piece.shape[0]]
+        np.subtract(piece, mean, out=work)
+        if len(highpass):
+            _zero_state_pass(highpass, work, reverse=False)
+            if not causal:
+                _zero_state_pass(highpass, work, reverse=True)
+        if len(lowpass) and causal:
+            _sos_run(np.ascontiguousarray(lowpass), work, signal.sosfilt_zi(lowpass)[:, :, None] * work[0][None, None], False)
+        elif len(lowpass):
+            _filtfilt_padded(np.ascontiguousarray(lowpass), ext, edge)
     if len(highpass):
         work -= work.mean(axis=0)
     work += mean
