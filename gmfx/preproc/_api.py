@@ -207,7 +207,7 @@ def _user_reference(reference, n_face: int, n_vertex: int) -> tuple[np.ndarray, 
                 where="align(reference=...)",
                 fix=f"use one of {_REFERENCES}, an array (vertex, 3), or the path of a gmfx store with 'v'",
             )
-        stored = xr.open_zarr(**location.zarr_kwargs())
+        stored = xr.open_zarr(**location.zarr_kwargs(), consolidated=False)
         if stored.attrs.get("gmfx_complete") is False:
             from gmfx._errors import IncompleteStoreError
 
@@ -542,8 +542,8 @@ def filter(  # noqa: A001 - the public name mirrors the operation
     ----------
     highpass, lowpass
         Butterworth cut-offs in Hz; ``None`` switches a side off. The high-pass removes slow drift
-        *around* each valid stretch's temporal mean, which is kept exactly: the result is still a face
-        (before gmfx 0.2 the 0.005 Hz default left a deviation around zero, 38 px from the face).
+        *around* each valid stretch's temporal mean, which is kept exactly: the result is still a face,
+        not a deviation around zero (that moved vertex means by ~38 px on a real MediaPipe clip).
     order
         Butterworth order (of each side).
     causal
@@ -593,12 +593,6 @@ def filter(  # noqa: A001 - the public name mirrors the operation
         rate = _even_rate(ds)
         sos, design = _filters.design_butterworth(
             rate, highpass=highpass, lowpass=lowpass, order=order, passes=1 if causal else 2, cutoff_level=cutoff_level
-        )
-        design["mean"] = "kept: each valid stretch's temporal mean is removed before filtering and added back after"
-        design["edges"] = (
-            "high-pass from a zero state on the mean-removed stretch (no padding); low-pass from the steady "
-            f"state{'' if causal else ' after odd padding of ' + str(_filters.padding_samples(sos[design['highpass_sections']:])) + ' samples'}"
-            if design["highpass_sections"] else "steady state" + ("" if causal else " after odd padding, as scipy.signal.sosfiltfilt")
         )
         times = np.asarray(ds["time"].values, dtype=np.float64)
         need = 1 if causal else _filters.padding_samples(sos) + 1
@@ -713,7 +707,8 @@ def epoch(
                 kernel = lambda t, x, new: _resample.resample_affines(t, x, new, max_gap=max_gap)  # noqa: E731
             else:
                 kernel = lambda t, x, new: _resample.resample(t, x, new, method=method, max_gap=max_gap)  # noqa: E731
-            piece = _along_time(data, times, wanted, wanted.size, kernel, 2 * max_gap, _resample.halo_samples(method), array.dtype if kind == "affine" else np.float32)
+            dtype = array.dtype if kind == "affine" else np.float32
+            piece = _along_time(data, times, wanted, wanted.size, kernel, 2 * max_gap, _resample.halo_samples(method), dtype)
             if baseline and kind != "affine":
                 piece = piece.map_blocks(_baseline_block, lags=lags, window=window, mode=baseline, dtype=np.float32)
             pieces.append(piece[None])

@@ -78,6 +78,7 @@ def design_butterworth(
         sections.append(signal.butter(int(order), design_cutoffs["lowpass"], btype="lowpass", fs=sampling_freq, output="sos"))
     sos = np.vstack(sections)
     kind = "bandpass" if len(sections) == 2 else "highpass" if highpass is not None else "lowpass"
+    n_highpass = len(sections[0]) if highpass is not None else 0
     design = {
         "type": "butterworth",
         "kind": kind,
@@ -87,12 +88,21 @@ def design_butterworth(
         "passes": int(passes),
         "design_cutoffs_hz": design_cutoffs,
         "sampling_freq": sampling_freq,
-        "highpass_sections": int(len(sections[0]) if highpass is not None else 0),
+        "highpass_sections": n_highpass,
         "sos": sos.tolist(),
         "effective_response": f"the sections of 'sos' run {passes} time(s): gain |H(f)| ** {passes}, "
         + ("zero phase" if passes == 2 else "causal"),
+        "mean": "kept: each valid stretch's temporal mean is removed before filtering and added back after",
+        "edges": _edge_handling(sos[n_highpass:], highpass, passes),
     }
     return sos, design
+
+
+def _edge_handling(lowpass: np.ndarray, highpass: float | None, passes: int) -> str:
+    """How :func:`filter_series` starts each pass (for the design record)."""
+    start = "from the steady state of the first sample" + (f" after odd padding of {padding_samples(lowpass)} samples" if passes == 2 else "")
+    parts = ["high-pass: from a zero state on the mean-removed stretch, no padding"] if highpass is not None else []
+    return "; ".join(parts + ([f"low-pass: {start}"] if len(lowpass) else []))
 
 
 def padding_samples(sos: np.ndarray) -> int:
