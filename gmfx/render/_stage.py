@@ -1,0 +1,75 @@
+"""``gmfx render`` over a dataset: one video (or still) per recording, all segments as one submission."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from distributed import Client
+
+from gmfx._errors import ParameterError
+from gmfx._execute import run_tasks
+from gmfx.dataset import Recording
+from gmfx.render._api import SEGMENT_FRAMES, _write_atomic, render_still, video_tasks
+from gmfx.render._encode import join_segments
+from gmfx.render._views import ViewOptions
+from gmfx.storage import Location, store_location
+from gmfx.storage._layout import STORE_SUFFIXES
+
+__all__ = ["render", "render_location", "RENDERABLE"]
+
+#: stores with ``v (time, face, vertex, coord)`` that gmfx's stages write
+RENDERABLE = ("recon", "preproc", "align", "interpolate", "filter")
+
+
+def render_location(out: Location, recording: Recording, store: str, view: ViewOptions, suffix: str = "mp4") -> Location:
+    """``<out>/sub-XX/[ses-YY/]<recording>_<store>_<space>.<suffix>``."""
+    return out.child(recording.relative_dir, f"{recording.name}_{STORE_SUFFIXES[store]}_{view.space}.{suffix}")
+
+
+@dataclass(frozen=True)
+class _Job:
+    target: Location
+    tasks: list
+
+
+def render(
+    recordings: Sequence[Recording],
+    out: Location,
+    *,
+    client: Client | None,
+    store: str = "recon",
+    view: ViewOptions = ViewOptions(),
+    frame: int | None = None,
+    time: float | None = None,
+    segment_frames: int = SEGMENT_FRAMES,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[Location]:
+    """Render ``store`` (recon, preproc, ...) of every recording: an mp4 each, or a PNG of one ``frame``
+    (or the frame nearest ``time`` seconds) when given. Existing videos are kept unless ``overwrite``."""
+    if store not in RENDERABLE:
+        raise ParameterError(f"cannot render the {store!r} store", where="--store", fix=f"use one of {', '.join(RENDERABLE)}")
+    uses_frames = view.space == "image" or view.needs_frames
+    targets: list[Location] = []
+    jobs: list[_Job] = []
+    for recording in recordings:
+        source = store_location(out, recording, store)
+        frames = store_location(out, recording, "decode") if uses_frames else None
+        if frame is not None or time is not None:
+            label = f"frame-{frame}" if frame is not None else f"time-{time:g}s"
+            target = render_location(out, recording, store, view, f"{label}.png")
+            targets.append(render_still(source, target, frame=frame, time=time, frames=frames, view=view))
+            continue
+        target = render_location(out, recording, store, view)
+        targets.append(target)
+        if target.exists() and not overwrite:
+            continue
+        tasks = video_tasks(source, frames=frames, view=view, segment_frames=segment_frames, label=target.url)
+        jobs.append(_Job(target, tasks))
+    results = run_tasks(client, [task for job in jobs for task in job.tasks], description="render", progress=progress)
+    position = 0
+    for job in jobs:
+        _write_atomic(job.target, join_segments(results[position : position + len(job.tasks)]))
+        position += len(job.tasks)
+    return targets
