@@ -2,7 +2,9 @@
 
 from gmfx.render._api import SEGMENT_FRAMES, open_mesh_store, render_frames, render_still, render_video, video_tasks
 from gmfx.render._raster import CpuRasterizer, NvdiffrastRasterizer, Raster, Rasterizer, get_rasterizer, interpolate
+from gmfx.render._qc import qc_measures, qc_report
 from gmfx.render._shade import interpolate_attributes, shade
+from gmfx.render._stage import render as render_stage
 from gmfx.render._views import ViewOptions
 
 __all__ = [
@@ -16,6 +18,9 @@ __all__ = [
     "interpolate",
     "interpolate_attributes",
     "open_mesh_store",
+    "qc_measures",
+    "qc_report",
+    "render_stage",
     "render_frames",
     "render_still",
     "render_video",
