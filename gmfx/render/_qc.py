@@ -81,7 +81,8 @@ def qc_measures(recon: xr.Dataset) -> QcMeasures:
         if finite.any():
             median = _pure_rotations(np.median(rotations[finite], axis=0)[None])[0]
             rotation = rotation_vectors(rotations @ median.T)
-    width = np.nanmedian(np.nanmax(v[..., 0], axis=1) - np.nanmin(v[..., 0], axis=1)) if np.isfinite(v).any() else np.nan
+    found = np.isfinite(v).all(axis=(1, 2))
+    width = np.median(np.ptp(v[found][..., 0], axis=1)) if found.any() else np.nan
     jitter = np.full(len(times), np.nan)
     if len(times) > 2:
         middle = v[1:-1] - (v[:-2] + v[2:]) / 2

@@ -22,9 +22,9 @@ __all__ = ["render", "render_location", "RENDERABLE"]
 RENDERABLE = ("recon", "preproc", "align", "interpolate", "filter")
 
 
-def render_location(out: Location, recording: Recording, store: str, view: ViewOptions, suffix: str = "mp4") -> Location:
-    """``<out>/sub-XX/[ses-YY/]<recording>_<store>_<space>.<suffix>``."""
-    return out.child(recording.relative_dir, f"{recording.name}_{STORE_SUFFIXES[store]}_{view.space}.{suffix}")
+def render_location(out: Location, recording: Recording, store: str, view: ViewOptions, ending: str = ".mp4") -> Location:
+    """``<out>/sub-XX/[ses-YY/]<recording>_<store>_<space><ending>``."""
+    return out.child(recording.relative_dir, f"{recording.name}_{STORE_SUFFIXES[store]}_{view.space}{ending}")
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,7 @@ def render(
         frames = store_location(out, recording, "decode") if uses_frames else None
         if frame is not None or time is not None:
             label = f"frame-{frame}" if frame is not None else f"time-{time:g}s"
-            target = render_location(out, recording, store, view, f"{label}.png")
+            target = render_location(out, recording, store, view, f"_{label}.png")
             targets.append(render_still(source, target, frame=frame, time=time, frames=frames, view=view))
             continue
         target = render_location(out, recording, store, view)

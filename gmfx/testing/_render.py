@@ -64,3 +64,28 @@ def random_face_meshes(
         centre = np.array([width / 2, height / 2, 2.0 * height]) + rng.uniform(-0.1, 0.1, 3) * height
         out[k] = 0.6 * height * points @ turn.T + centre
     return out, tris
+
+
+def textured_face(image: np.ndarray, vertices: np.ndarray, tris: np.ndarray, turn: np.ndarray, *, background: int = 128) -> np.ndarray:
+    """``image`` re-rendered with the face mesh ``vertices`` (pixels, e.g. MediaPipe's landmarks of that
+    image) turned by ``turn`` ``(3, 3)`` about the mesh's centre: each covered pixel takes the photo's
+    colour at the point of the unturned mesh it shows (bilinear), the rest is ``background`` grey.
+
+    This is a face whose out-of-plane pose (yaw, pitch) is known exactly: ``turn`` in image axes.
+    """
+    from scipy.ndimage import map_coordinates
+
+    from gmfx.render import CpuRasterizer
+    from gmfx.render._shade import interpolate_attributes
+
+    centre = np.nanmean(vertices, axis=0)
+    turned = ((vertices - centre) @ turn.T + centre).astype(np.float32)
+    height, width = image.shape[:2]
+    raster = CpuRasterizer().rasterize(turned[None], tris, width=width, height=height, cull="back")
+    source = interpolate_attributes(raster, tris, vertices[:, :2].astype(np.float32))[0]  # photo x, y
+    out = np.full(image.shape, background, np.uint8)
+    rows, cols = np.nonzero(raster.mask[0])
+    x, y = source[rows, cols, 0] - 0.5, source[rows, cols, 1] - 0.5  # pixel centres are at +0.5
+    for channel in range(3):
+        out[rows, cols, channel] = np.clip(map_coordinates(image[..., channel].astype(np.float32), [y, x], order=1), 0, 255)
+    return out
