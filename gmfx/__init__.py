@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # the same names, imported for type checkers and IDEs
     from gmfx.stages.recon import recon
     from gmfx.storage import Location, RegionStore, open_dataset, store_location
     from gmfx.types import Region, Stage, Task
+    from gmfx.render import Raster, ViewOptions, get_rasterizer, qc_report, render_frames, render_still, render_video
 
 #: public name -> module that defines it; each is imported on first use, so ``import gmfx`` (and the
 #: ``gmfx`` command's start-up) stays fast
@@ -83,6 +84,13 @@ _LAZY = {
     "Region": "gmfx.types",
     "Stage": "gmfx.types",
     "Task": "gmfx.types",
+    "Raster": "gmfx.render",
+    "ViewOptions": "gmfx.render",
+    "get_rasterizer": "gmfx.render",
+    "qc_report": "gmfx.render",
+    "render_frames": "gmfx.render",
+    "render_still": "gmfx.render",
+    "render_video": "gmfx.render",
 }
 
 __all__ = [
@@ -133,6 +141,14 @@ __all__ = [
     "Stage",
     "Region",
     "Task",
+    # rendering and quality control
+    "ViewOptions",
+    "render_video",
+    "render_still",
+    "render_frames",
+    "qc_report",
+    "get_rasterizer",
+    "Raster",
 ]
 
 
