@@ -1,5 +1,8 @@
 """QC measures against the synthetic ground truth, and the gmfx qc / gmfx render commands on a dataset."""
 
+import os
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from scipy.spatial.transform import Rotation
@@ -7,7 +10,7 @@ from typer.testing import CliRunner
 
 import gmfx
 from gmfx.cli import app
-from gmfx.render import qc_measures
+from gmfx.render import ViewOptions, qc_measures, render_stage
 from gmfx.storage import Location, store_location
 from gmfx.testing import synthetic_face, synthetic_recon_dataset, write_bids_recording, write_synthetic_recon
 
@@ -59,10 +62,17 @@ def test_gmfx_render_writes_a_video_and_a_still_and_reports_bad_options(dataset)
     args = ["render", str(root), "--no-progress", "--space", "world", "--panels", "mesh", "--size", "64x48", "--workers", "1"]
     result = runner.invoke(app, args + ["--segment-frames", "16"])
     assert result.exit_code == 0, result.output
-    video = out.child(recording.relative_dir, f"{recording.name}_recon_world.mp4").url
+    video = out.child(recording.relative_dir, f"{recording.name}_recon_world_mesh.mp4").url
     with av.open(video) as container:
         assert sum(1 for _ in container.decode(video=0)) == 40
+    # a rerun keeps the finished video; another view under the same name (another opacity) redoes it
+    written = os.stat(video).st_mtime_ns
+    view = ViewOptions(space="world", panels=("mesh",), size=(64, 48))
+    assert render_stage([recording], out, client=None, view=view, progress=False)[0].url == video
+    assert os.stat(video).st_mtime_ns == written
+    render_stage([recording], out, client=None, view=replace(view, opacity=0.3), progress=False)
+    assert os.stat(video).st_mtime_ns != written
     result = runner.invoke(app, args + ["--frame", "3"])
-    assert result.exit_code == 0 and result.output.strip().endswith("_recon_world_frame-3.png")
+    assert result.exit_code == 0 and result.output.strip().endswith("_recon_world_mesh_frame-3.png")
     result = runner.invoke(app, args[:5] + ["--panels", "mesh,face"])
     assert result.exit_code == 1 and "panels" in result.output and "how to fix" in result.output

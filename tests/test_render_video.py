@@ -136,7 +136,7 @@ def test_overlay_of_the_astronaut_lands_inside_an_independent_face_detector_box(
     recordings, out, client, motion = astronaut_dataset
     view = ViewOptions(space="image", panels=("mesh", "overlay", "original"))
     (video,) = render(recordings, out, client=client, view=view, segment_frames=4, progress=False)
-    assert video.url.endswith("sub-01_task-faces_recon_image.mp4")
+    assert video.url.endswith("sub-01_task-faces_recon_image_mesh-overlay-original.mp4")
     times, images = decoded(video.url)
     frames = gmfx.open_frames(store_location(out, recordings[0], "decode"))
     np.testing.assert_allclose(times, frames.time.values - frames.time.values[0], atol=1 / 90000)
@@ -153,3 +153,16 @@ def test_overlay_of_the_astronaut_lands_inside_an_independent_face_detector_box(
         assert mesh.sum() > 0.4 * w * h
         # the original panel is the frame itself (through the codec)
         assert np.abs(image[:, 2 * width :].astype(int) - original).mean() < 6
+
+
+def test_videos_go_to_object_storage_with_the_same_times(vfr_store, s3_root):
+    location, face = vfr_store
+    target = s3_root.child("renders", "world.mp4")
+    render_video(location, target, view=ViewOptions(space="world", size=(64, 64)), segment_frames=32, progress=False)
+    with target.open("rb") as handle:
+        data = handle.read()
+    from gmfx.render._encode import read_times
+
+    np.testing.assert_allclose(read_times(data), face.times - face.times[0], atol=1 / 90000)
+    fs, path = s3_root.filesystem()
+    assert not fs.exists(path + "/renders/world.mp4.partial")

@@ -185,5 +185,11 @@ def render_video(
     target = _location(out)
     tasks = video_tasks(source, frames=frames, view=view, segment_frames=segment_frames, label=target.url)
     segments = run_tasks(client, tasks, description=f"render {target.name}", progress=progress)
-    _write_atomic(target, join_segments(segments))
+    _write_atomic(target, join_segments(segments, view_comment(source, view)))
     return target
+
+
+def view_comment(source: Source, view: ViewOptions) -> str:
+    """What a video shows, written into its metadata: a video is kept on resume only when this matches."""
+    where = source.url if isinstance(source, Location) else str(source) if not isinstance(source, xr.Dataset) else "dataset"
+    return f"gmfx render of {where}: {view!r}"

@@ -15,7 +15,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-__all__ = ["CLOCK", "encode_segment", "join_segments", "read_times"]
+__all__ = ["CLOCK", "encode_segment", "join_segments", "read_comment", "read_times"]
 
 #: timestamp unit of the written videos: 90 kHz, MPEG's clock, exact for 24/25/30/60 fps and 1/90 ms otherwise
 CLOCK = Fraction(1, 90000)
@@ -60,11 +60,14 @@ def _nominal_rate(times: np.ndarray) -> Fraction:
     return Fraction(1 / float(np.median(steps))).limit_denominator(1001) if steps.size else Fraction(30)
 
 
-def join_segments(segments: Sequence[tuple[bytes, int]]) -> bytes:
+def join_segments(segments: Sequence[tuple[bytes, int]], comment: str = "") -> bytes:
     """One mp4 (bytes) holding the packets of the mp4 ``segments`` in order, not re-encoded, each
-    shifted to start at its tick (``(mp4, tick)`` pairs: the tick of the segment's first frame)."""
+    shifted to start at its tick (``(mp4, tick)`` pairs: the tick of the segment's first frame);
+    ``comment`` goes into its metadata (gmfx writes the view there, to know a video it can keep)."""
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="mp4") as output:
+        if comment:
+            output.metadata["comment"] = comment
         stream = None
         for data, start in segments:
             with av.open(io.BytesIO(data), mode="r") as source:
@@ -80,6 +83,12 @@ def join_segments(segments: Sequence[tuple[bytes, int]]) -> bytes:
                     packet.stream = stream
                     output.mux(packet)
     return buffer.getvalue()
+
+
+def read_comment(data: bytes | str) -> str:
+    """The ``comment`` of a video's metadata ("" when it has none)."""
+    with av.open(io.BytesIO(data) if isinstance(data, bytes) else data) as container:
+        return container.metadata.get("comment", "")
 
 
 def read_times(data: bytes | str) -> np.ndarray:
