@@ -1,7 +1,6 @@
 """Videos and views of mesh stores: frame times kept (VFR stays VFR), colour maps, stills, the stage over a
 real Dask cluster on a real face, and failures that leave no finished-looking file."""
 
-import io
 
 import av
 import numpy as np
@@ -9,6 +8,7 @@ import pytest
 import xarray as xr
 
 import gmfx
+import gmfx.testing
 from gmfx import GmfxError, ParameterError, StorageError
 from gmfx.render import ViewOptions, render_frames, render_still, render_video
 from gmfx.storage import Location, store_location
@@ -166,3 +166,18 @@ def test_videos_go_to_object_storage_with_the_same_times(vfr_store, s3_root):
     np.testing.assert_allclose(read_times(data), face.times - face.times[0], atol=1 / 90000)
     fs, path = s3_root.filesystem()
     assert not fs.exists(path + "/renders/world.mp4.partial")
+
+
+def test_displacement_colours_the_moving_mouth_brighter_than_the_still_forehead():
+    from gmfx.render._views import plan_view
+
+    face = synthetic_face(60, n_vertices=300, noise=0.0, expression=0.01, seed=4)
+    ds = gmfx.testing.synthetic_recon_dataset(face).load()
+    view = ViewOptions(space="local", size=(160, 160), color="displacement", cmap="gray", shading="flat")
+    plan = plan_view(ds, view)
+    frame = 7  # the mouth is open: sin(2 pi 1.3 t) is far from 0
+    (image,) = render_frames(ds, [frame], view=view)
+    local = face.local[frame, 0]
+    pixels = (local @ plan.view[:, :3].T + plan.view[:, 3])[:, :2].astype(int)
+    brightness = image[pixels[:, 1].clip(0, 159), pixels[:, 0].clip(0, 159)].mean(axis=-1)
+    assert np.median(brightness[~face.rigid]) > 3 * np.median(brightness[face.rigid]) + 20
