@@ -54,12 +54,13 @@ def test_gmfx_qc_writes_one_page_with_a_figure_per_recording(dataset):
     assert open(figure, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_gmfx_render_writes_a_video_and_a_still_and_reports_bad_options(dataset):
+def test_gmfx_render_writes_a_video_and_a_still_and_reports_bad_options(dataset, dask_client):
     import av
 
     root, out, recording = dataset
     runner = CliRunner()
-    args = ["render", str(root), "--no-progress", "--space", "world", "--panels", "mesh", "--size", "64x48", "--workers", "1"]
+    scheduler = dask_client.scheduler.address  # a running cluster, as --scheduler gives one
+    args = ["render", str(root), "--no-progress", "--space", "world", "--panels", "mesh", "--size", "64x48", "--scheduler", scheduler]
     result = runner.invoke(app, args + ["--segment-frames", "16"])
     assert result.exit_code == 0, result.output
     video = out.child(recording.relative_dir, f"{recording.name}_recon_world_mesh.mp4").url

@@ -75,7 +75,13 @@ def render_frames(
             where=where,
             fix=f"give frames 0 to {len(plan.times) - 1}",
         )
-    return _draw(plan, ds.isel(time=indices), _frames_at(frames_ds, plan, indices))
+    return _draw(plan, _needed(ds, view).isel(time=indices), _frames_at(frames_ds, plan, indices))
+
+
+def _needed(ds: xr.Dataset, view: ViewOptions) -> xr.Dataset:
+    """Only the variables drawing reads (a task loads its whole time slice of them)."""
+    names = ["v", "tris", *(["mat"] if "mat" in ds else []), *([view.color] if view.color in ds else [])]
+    return ds[names]
 
 
 def _frames_at(frames: xr.Dataset | None, plan: ViewPlan, indices: np.ndarray) -> xr.DataArray | None:
@@ -161,7 +167,7 @@ def video_tasks(
             Task(
                 key=f"gmfx-render-{token}-{region.index}",
                 function=_render_segment,
-                args=(segment_plan, ds.isel(time=region.slice), _frames_at(frames_ds, plan, indices), float(plan.times[0])),
+                args=(segment_plan, _needed(ds, view).isel(time=region.slice), _frames_at(frames_ds, plan, indices), float(plan.times[0])),
                 weight=len(region),
             )
         )

@@ -327,15 +327,18 @@ def render_range(plan: ViewPlan, ds_range: xr.Dataset, frames: np.ndarray | None
         shading=options.shading,
     )
     mask = raster.mask[..., None]
-    mesh = (rgb * 255).round().astype(np.uint8)
+    mesh = (rgb * 255 + 0.5).astype(np.uint8)  # rounds: rgb is in [0, 1]
     panels = []
     for panel in options.panels:
         if panel == "original":
             panels.append(frames)
         elif panel == "overlay":
             if options.space == "image":
-                blend = (1 - options.opacity) * frames + options.opacity * mesh
-                panels.append(np.where(mask, blend.round().astype(np.uint8), frames))
+                blend = frames.copy()
+                covered = raster.mask
+                mix = (1 - options.opacity) * frames[covered] + options.opacity * mesh[covered].astype(np.float32)
+                blend[covered] = (mix + 0.5).astype(np.uint8)
+                panels.append(blend)
             else:  # the overlay is always in image space
                 image = render_range(_image_plan(plan), ds_range, frames)
                 panels.append(image)
