@@ -175,7 +175,6 @@ class NvdiffrastRasterizer:
     def rasterize(
         self, vertices: np.ndarray, tris: np.ndarray, *, width: int, height: int, cull: Cull = "none"
     ) -> Raster:
-        torch = self._torch
         vertices = np.asarray(vertices, dtype=np.float32)
         tris = np.asarray(tris, dtype=np.int32)
         _check(vertices, tris, width, height)
@@ -188,26 +187,32 @@ class NvdiffrastRasterizer:
         clip[..., 2] = (vertices[..., 2] - low) / max(high - low, 1e-12) * 1.8 - 0.9
         clip[..., 3] = 1
         clip[~finite] = (0, 0, 2, 1)  # beyond the far plane: clipped away
-        n = vertices.shape[0]
-        triangle = np.empty((n, height, width), np.int32)
-        barycentric = np.empty((n, height, width, 3), np.float32)
-        depth = np.empty((n, height, width), np.float32)
-        for k in range(n):  # culling keeps a per-frame subset of the triangles
-            keep = np.arange(len(tris))
-            if cull == "back":
-                a, b, c = (vertices[k, tris[:, i], :2] for i in range(3))
-                area = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (c[:, 0] - a[:, 0]) * (b[:, 1] - a[:, 1])
-                keep = np.flatnonzero(area < 0)
-            pos = torch.from_numpy(clip[k : k + 1]).to(self.device)
-            tri = torch.from_numpy(np.ascontiguousarray(tris[keep])).to(self.device)
-            rast, _ = self._dr.rasterize(self._context, pos, tri, resolution=[height, width])
-            out = rast[0].cpu().numpy()
-            ids = out[..., 3].astype(np.int64) - 1
-            covered = ids >= 0
-            triangle[k] = np.where(covered, keep[np.maximum(ids, 0)], -1)
-            u, v = out[..., 0], out[..., 1]
-            barycentric[k] = np.where(covered[..., None], np.stack([u, v, 1 - u - v], axis=-1), 0)
-            depth[k] = np.where(covered, (out[..., 2] + 0.9) / 1.8 * (high - low) + low, np.inf)
+        if cull == "none":  # one batched call for all frames
+            return self._unpack(self._raster(clip, tris, height, width), np.arange(len(tris)), low, high)
+        rasters = []
+        for k in range(vertices.shape[0]):  # culling keeps a per-frame subset of the triangles
+            a, b, c = (vertices[k, tris[:, i], :2] for i in range(3))
+            area = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (c[:, 0] - a[:, 0]) * (b[:, 1] - a[:, 1])
+            keep = np.flatnonzero(area < 0)
+            rasters.append(self._unpack(self._raster(clip[k : k + 1], tris[keep], height, width), keep, low, high))
+        return Raster(*(np.concatenate([getattr(r, name) for r in rasters]) for name in ("triangle", "barycentric", "depth")))
+
+    def _raster(self, clip: np.ndarray, tris: np.ndarray, height: int, width: int) -> np.ndarray:
+        """nvdiffrast's ``(n, H, W, 4)`` output (u, v, z/w, triangle id + 1) for clip-space vertices."""
+        torch = self._torch
+        pos = torch.from_numpy(np.ascontiguousarray(clip)).to(self.device)
+        tri = torch.from_numpy(np.ascontiguousarray(tris, np.int32)).to(self.device)
+        rast, _ = self._dr.rasterize(self._context, pos, tri, resolution=[height, width])
+        return rast.cpu().numpy()
+
+    @staticmethod
+    def _unpack(out: np.ndarray, keep: np.ndarray, low: float, high: float) -> Raster:
+        ids = out[..., 3].astype(np.int64) - 1
+        covered = ids >= 0
+        triangle = np.where(covered, keep[np.maximum(ids, 0)], -1).astype(np.int32)
+        u, v = out[..., 0], out[..., 1]
+        barycentric = np.where(covered[..., None], np.stack([u, v, 1 - u - v], axis=-1), 0).astype(np.float32)
+        depth = np.where(covered, (out[..., 2] + 0.9) / 1.8 * (high - low) + low, np.inf).astype(np.float32)
         return Raster(triangle, barycentric, depth)
 
 
