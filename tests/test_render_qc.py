@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 import gmfx
 from gmfx.cli import app
-from gmfx.render import ViewOptions, qc_measures, render_stage
+from gmfx.render import ViewOptions, qc_measures, run_render
 from gmfx.storage import Location, store_location
 from gmfx.testing import synthetic_face, synthetic_recon_dataset, write_bids_recording, write_synthetic_recon
 
@@ -69,9 +69,9 @@ def test_gmfx_render_writes_a_video_and_a_still_and_reports_bad_options(dataset,
     # a rerun keeps the finished video; another view under the same name (another opacity) redoes it
     written = os.stat(video).st_mtime_ns
     view = ViewOptions(space="world", panels=("mesh",), size=(64, 48))
-    assert render_stage([recording], out, client=None, view=view, progress=False)[0].url == video
+    assert run_render([recording], out, client=None, view=view, progress=False)[0].url == video
     assert os.stat(video).st_mtime_ns == written
-    render_stage([recording], out, client=None, view=replace(view, opacity=0.3), progress=False)
+    run_render([recording], out, client=None, view=replace(view, opacity=0.3), progress=False)
     assert os.stat(video).st_mtime_ns != written
     result = runner.invoke(app, args + ["--frame", "3"])
     assert result.exit_code == 0 and result.output.strip().endswith("_recon_world_mesh_frame-3.png")

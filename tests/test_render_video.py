@@ -120,7 +120,7 @@ def astronaut_dataset(tmp_path_factory, request):
     recordings = gmfx.find_recordings(str(root / "bids"))
     out = Location(str(root / "out"))
     client = request.getfixturevalue("dask_client")
-    gmfx.recon(recordings, out, client=client, device="cpu", progress=False)
+    gmfx.run_recon(recordings, out, client=client, device="cpu", progress=False)
     return recordings, out, client, motion
 
 
@@ -131,11 +131,11 @@ def test_overlay_of_the_astronaut_lands_inside_an_independent_face_detector_box(
     much of it."""
     import cv2
 
-    from gmfx.render._stage import render
+    from gmfx.render import run_render
 
     recordings, out, client, motion = astronaut_dataset
     view = ViewOptions(space="image", panels=("mesh", "overlay", "original"))
-    (video,) = render(recordings, out, client=client, view=view, segment_frames=4, progress=False)
+    (video,) = run_render(recordings, out, client=client, view=view, segment_frames=4, progress=False)
     assert video.url.endswith("sub-01_task-faces_recon_image_mesh-overlay-original.mp4")
     times, images = decoded(video.url)
     frames = gmfx.open_frames(store_location(out, recordings[0], "decode"))

@@ -4,7 +4,7 @@ from gmfx.render._api import SEGMENT_FRAMES, open_mesh_store, render_frames, ren
 from gmfx.render._raster import CpuRasterizer, NvdiffrastRasterizer, Raster, Rasterizer, get_rasterizer, interpolate
 from gmfx.render._qc import qc_measures, qc_report
 from gmfx.render._shade import interpolate_attributes, shade
-from gmfx.render._stage import render as render_stage
+from gmfx.render._stage import run_render
 from gmfx.render._views import ViewOptions
 
 __all__ = [
@@ -20,10 +20,10 @@ __all__ = [
     "open_mesh_store",
     "qc_measures",
     "qc_report",
-    "render_stage",
     "render_frames",
     "render_still",
     "render_video",
+    "run_render",
     "shade",
     "video_tasks",
 ]

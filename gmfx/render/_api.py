@@ -9,7 +9,6 @@ video that looks finished.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -21,7 +20,7 @@ from gmfx._errors import ParameterError, StorageError
 from gmfx._execute import run_tasks
 from gmfx.render._encode import encode_segment, join_segments, ticks
 from gmfx.render._views import ViewOptions, ViewPlan, plan_view, render_range
-from gmfx.storage import Location, plan_token
+from gmfx.storage import Location, LocationLike, as_location, plan_token
 from gmfx.types import Task, split_regions
 
 __all__ = ["SEGMENT_FRAMES", "render_frames", "render_still", "render_video", "open_mesh_store"]
@@ -30,11 +29,11 @@ __all__ = ["SEGMENT_FRAMES", "render_frames", "render_still", "render_video", "o
 #: and their mp4 is a few MB to send back
 SEGMENT_FRAMES = 256
 
-Source = str | os.PathLike | Location | xr.Dataset
+Source = LocationLike | xr.Dataset
 
 
-def _location(source: str | os.PathLike | Location) -> Location:
-    return source if isinstance(source, Location) else Location(os.fspath(source))
+def _location(source: LocationLike) -> Location:
+    return as_location(source, where="source")
 
 
 def open_mesh_store(source: Source) -> tuple[xr.Dataset, str]:
@@ -101,7 +100,7 @@ def _draw(plan: ViewPlan, ds_range: xr.Dataset, frames: xr.DataArray | None) -> 
 
 def render_still(
     source: Source,
-    out: str | os.PathLike | Location,
+    out: LocationLike,
     *,
     frame: int | None = None,
     time: float | None = None,
@@ -176,7 +175,7 @@ def video_tasks(
 
 def render_video(
     source: Source,
-    out: str | os.PathLike | Location,
+    out: LocationLike,
     *,
     frames: Source | None = None,
     view: ViewOptions = ViewOptions(),

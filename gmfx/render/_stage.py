@@ -13,10 +13,10 @@ from gmfx.dataset import Recording
 from gmfx.render._api import SEGMENT_FRAMES, _write_atomic, render_still, video_tasks, view_comment
 from gmfx.render._encode import join_segments, read_comment
 from gmfx.render._views import ViewOptions
-from gmfx.storage import Location, store_location
-from gmfx.storage._layout import STORE_SUFFIXES
+from gmfx.storage import Location, LocationLike, as_location, store_location
+from gmfx.types import STAGES
 
-__all__ = ["render", "render_location", "RENDERABLE"]
+__all__ = ["run_render", "render_location", "RENDERABLE"]
 
 #: stores with ``v (time, face, vertex, coord)`` that gmfx's stages write
 RENDERABLE = ("recon", "preproc", "align", "interpolate", "filter")
@@ -24,7 +24,7 @@ RENDERABLE = ("recon", "preproc", "align", "interpolate", "filter")
 
 def render_location(out: Location, recording: Recording, store: str, view: ViewOptions, ending: str = ".mp4") -> Location:
     """``<out>/sub-XX/[ses-YY/]<recording>_<store>_<space>_<panels>[_<color>]<ending>``."""
-    name = f"{recording.name}_{STORE_SUFFIXES[store]}_{view.space}_{'-'.join(view.panels)}"
+    name = f"{recording.name}_{STAGES[store].suffix}_{view.space}_{'-'.join(view.panels)}"
     return out.child(recording.relative_dir, name + (f"_{view.color}" if view.color else "") + ending)
 
 
@@ -43,9 +43,9 @@ class _Job:
     comment: str
 
 
-def render(
+def run_render(
     recordings: Sequence[Recording],
-    out: Location,
+    out: LocationLike,
     *,
     client: Client | None,
     store: str = "recon",
@@ -61,6 +61,7 @@ def render(
     the same store (its metadata says so) is kept unless ``overwrite``; one of another view is redone."""
     if store not in RENDERABLE:
         raise ParameterError(f"cannot render the {store!r} store", where="--store", fix=f"use one of {', '.join(RENDERABLE)}")
+    out = as_location(out, where="run_render(out=...)")
     uses_frames = view.space == "image" or view.needs_frames
     targets: list[Location] = []
     jobs: list[_Job] = []

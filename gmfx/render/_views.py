@@ -82,16 +82,10 @@ class ViewOptions:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        checks = {
-            "space": (self.space, ("image", "world", "local")),
-            "stack": (self.stack, ("horizontal", "vertical")),
-            "background": (self.background, ("black", "frame")),
-            "shading": (self.shading, ("smooth", "flat")),
-            "cull": (self.cull, ("none", "back")),
-        }
-        for name, (value, allowed) in checks.items():
-            if value not in allowed:
-                raise ParameterError(f"unknown {name} {value!r}", where=f"--{name}", fix=f"use one of {', '.join(allowed)}")
+        from gmfx._checks import check_choice
+
+        for name, choices in (("space", Space), ("stack", Stack), ("background", Background), ("shading", Shading), ("cull", Cull)):
+            check_choice(getattr(self, name), choices, function="ViewOptions", name=name)
         if not self.panels or any(p not in ("mesh", "overlay", "original") for p in self.panels):
             raise ParameterError(
                 f"panels {self.panels!r} are not a choice of mesh, overlay, original",
