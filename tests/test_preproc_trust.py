@@ -160,8 +160,7 @@ def real_clip(data_dir, tmp_path_factory, dask_client):
     write_bids_recording(str(root / "bids"), subject="01", task="real", video=str(data_dir / "single_face.mp4"))
     recordings = gmfx.find_recordings(str(root / "bids"))
     out = Location(str(root / "out"))
-    gmfx.decode(recordings, out, client=dask_client, progress=False)
-    gmfx.recon(recordings, out, client=dask_client, device="cpu", progress=False)
+    gmfx.run_recon(recordings, out, client=dask_client, device="cpu", progress=False)
     return gmfx.open_recon(store_location(out, recordings[0], "recon"))
 
 

@@ -11,18 +11,19 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, get_args
 
 import dask.array as da
 import numpy as np
 import pandas as pd
 import xarray as xr
 
+from gmfx._checks import check_choice
 from gmfx._errors import ParameterError
 from gmfx._version import __version__
 from gmfx.preproc import _epochs, _filters, _motion, _one_euro, _resample, _rigid
-from gmfx.storage import Location, open_dataset
+from gmfx.storage import Location, LocationLike, as_location, open_dataset
 
 __all__ = ["open_recon", "align", "interpolate", "filter", "epoch", "DEFAULT_MAX_GAP"]
 
@@ -36,20 +37,22 @@ _FILTER_BLOCK_BYTES = 64 * 2**20
 #: attributes that describe the state of the store a dataset was read from, not its content
 _STORE_STATE = ("gmfx_stage", "gmfx_plan", "gmfx_regions", "gmfx_complete")
 
-_REFERENCES = ("template", "first", "mean", "mat")
+#: the choices of the operations' parameters (checked by :func:`gmfx._checks.check_choice`)
+Reference = Literal["template", "first", "mean", "mat"]
+InterpolationMethod = Literal["linear", "pchip", "cubic"]
+OnShort = Literal["error", "nan"]
+FilterMethod = Literal["butterworth", "one_euro"]
+CutoffLevel = Literal["-3dB", "-6dB"]
+Anchor = Literal["onset", "offset", "warp"]
+Baseline = Literal["mean", "ratio", None]
 
 #: attribute of a per-frame Dask array: ``recipe(lo, hi)`` builds frames ``lo:hi`` from its sources only
 _FRAMES_RECIPE = "_gmfx_frames"
 
 
-def open_recon(url_or_location: str | os.PathLike | Location, storage_options: dict | None = None) -> xr.Dataset:
-    """Open a finished recon store lazily."""
-    location = (
-        url_or_location
-        if isinstance(url_or_location, Location)
-        else Location(os.fspath(url_or_location), storage_options or {})
-    )
-    return open_dataset(location, stage="recon")
+def open_recon(location: LocationLike, storage_options: Mapping[str, Any] | None = None) -> xr.Dataset:
+    """Open a finished recon store lazily (a path, URL with ``storage_options``, or :class:`Location`)."""
+    return open_dataset(as_location(location, storage_options), stage="recon")
 
 
 # -- shared helpers -------------------------------------------------------------------------------
@@ -203,9 +206,9 @@ def _user_reference(reference, n_face: int, n_vertex: int) -> tuple[np.ndarray, 
         where = label = location.url
         if not location.exists():
             raise ParameterError(
-                f"unknown alignment reference {location.url!r}: neither one of {_REFERENCES} nor an existing store",
+                f"unknown alignment reference {location.url!r}: neither one of {get_args(Reference)} nor an existing store",
                 where="align(reference=...)",
-                fix=f"use one of {_REFERENCES}, an array (vertex, 3), or the path of a gmfx store with 'v'",
+                fix=f"use one of {get_args(Reference)}, an array (vertex, 3), or the path of a gmfx store with 'v'",
             )
         stored = xr.open_zarr(**location.zarr_kwargs(), consolidated=False)
         if stored.attrs.get("gmfx_complete") is False:
@@ -226,7 +229,7 @@ def _user_reference(reference, n_face: int, n_vertex: int) -> tuple[np.ndarray, 
         raise ParameterError(
             f"unknown alignment reference {reference!r}",
             where="align(reference=...)",
-            fix=f"use one of {_REFERENCES}, an array (vertex, 3), or the path of a gmfx store",
+            fix=f"use one of {get_args(Reference)}, an array (vertex, 3), or the path of a gmfx store",
         )
     if shape.ndim not in (2, 3) or shape.shape[-2:] != (n_vertex, 3) or (shape.ndim == 3 and shape.shape[0] not in (1, n_face)):
         raise ParameterError(
@@ -321,7 +324,7 @@ def _fit(data: da.Array, reference: da.Array, weights: np.ndarray, scale: bool) 
 def align(
     ds: xr.Dataset,
     *,
-    reference: str | os.PathLike | Location | np.ndarray | xr.DataArray = "template",
+    reference: Reference | LocationLike | np.ndarray | xr.DataArray = "template",
     vertices: Sequence[int] | np.ndarray | None = None,
     scale: bool = False,
     _target: np.ndarray | None = None,
@@ -358,7 +361,7 @@ def align(
     """
     v = _require(ds, "v", ("time", "face", "vertex", "coord"), "align")
     user_shape = None
-    if not (isinstance(reference, str) and reference in _REFERENCES):
+    if not (isinstance(reference, str) and reference in get_args(Reference)):
         user_shape, reference = _user_reference(reference, v.sizes["face"], v.sizes["vertex"])
     if v.attrs.get("space") == "local":
         raise ParameterError(
@@ -422,7 +425,7 @@ def interpolate(
     ds: xr.Dataset,
     *,
     sampling_freq: float | None = None,
-    method: str = "linear",
+    method: InterpolationMethod = "linear",
     max_gap: float = DEFAULT_MAX_GAP,
 ) -> xr.Dataset:
     """Resample every time variable onto an even grid built from the real frame times.
@@ -442,8 +445,7 @@ def interpolate(
     The output is chunked along time like the input's ``v`` (each chunk reads a halo of source frames).
     """
     v = _require(ds, "v", ("time", "face", "vertex", "coord"), "interpolate")
-    if method not in _resample.METHODS:
-        raise ParameterError(f"unknown interpolation method {method!r}", where="interpolate(method=...)", fix=f"use one of {_resample.METHODS}")
+    check_choice(method, InterpolationMethod, function="interpolate", name="method", label="interpolation method")
     if not max_gap > 0:
         raise ParameterError(f"max_gap={max_gap} is not positive", where="interpolate(max_gap=...)", fix="give a gap length in seconds, e.g. 0.5")
     if sampling_freq is not None and not sampling_freq > 0:
@@ -518,8 +520,6 @@ def _one_euro_block(block: np.ndarray, *, times, min_cutoff, beta, d_cutoff) -> 
     return _one_euro.one_euro(block, times, min_cutoff=min_cutoff, beta=beta, d_cutoff=d_cutoff, dtype=block.dtype)
 
 
-_FILTER_METHODS = ("butterworth", "one_euro")
-
 
 def filter(  # noqa: A001 - the public name mirrors the operation
     ds: xr.Dataset,
@@ -528,12 +528,12 @@ def filter(  # noqa: A001 - the public name mirrors the operation
     lowpass: float | None = 4.0,
     order: int = 5,
     causal: bool = False,
-    cutoff_level: Literal["-3dB", "-6dB"] = "-3dB",
-    method: Literal["butterworth", "one_euro"] = "butterworth",
+    cutoff_level: CutoffLevel = "-3dB",
+    method: FilterMethod = "butterworth",
     min_cutoff: float = 1.0,
     beta: float = 0.0,
     d_cutoff: float = 1.0,
-    on_short: str = "error",
+    on_short: OnShort = "error",
     vertex_chunk: int | None = None,
 ) -> xr.Dataset:
     """Filter ``v`` along time, per valid stretch, keeping each vertex's mean shape.
@@ -570,10 +570,8 @@ def filter(  # noqa: A001 - the public name mirrors the operation
     the history record.
     """
     v = _require(ds, "v", ("time", "face", "vertex", "coord"), "filter")
-    if on_short not in ("error", "nan"):
-        raise ParameterError(f"on_short={on_short!r}", where="filter(on_short=...)", fix="use 'error' or 'nan'")
-    if method not in _FILTER_METHODS:
-        raise ParameterError(f"unknown filter method {method!r}", where="filter(method=...)", fix=f"use one of {_FILTER_METHODS}")
+    check_choice(on_short, OnShort, function="filter", name="on_short")
+    check_choice(method, FilterMethod, function="filter", name="method", label="filter method")
     n_time, n_face = v.shape[:2]
     if vertex_chunk is None:
         vertex_chunk = max(1, _FILTER_BLOCK_BYTES // (n_time * n_face * v.shape[3] * 8))
@@ -623,12 +621,12 @@ def epoch(
     *,
     start: float = -0.5,
     end: float = 2.0,
-    anchor: str = "onset",
+    anchor: Anchor = "onset",
     sampling_freq: float | None = None,
     n_lags: int | None = None,
-    method: str = "linear",
+    method: InterpolationMethod = "linear",
     max_gap: float = DEFAULT_MAX_GAP,
-    baseline: str | None = None,
+    baseline: Baseline = None,
     baseline_window: tuple[float, float] | None = None,
 ) -> xr.Dataset:
     """Cut epochs around events, interpolated from the real sample times.
@@ -659,12 +657,9 @@ def epoch(
     are reported with a warning.
     """
     v = _require(ds, "v", ("time", "face", "vertex", "coord"), "epoch")
-    if anchor not in _epochs.ANCHORS:
-        raise ParameterError(f"unknown anchor {anchor!r}", where="epoch(anchor=...)", fix=f"use one of {_epochs.ANCHORS}")
-    if baseline not in (None, "mean", "ratio"):
-        raise ParameterError(f"unknown baseline {baseline!r}", where="epoch(baseline=...)", fix="use None, 'mean' or 'ratio'")
-    if method not in _resample.METHODS:
-        raise ParameterError(f"unknown interpolation method {method!r}", where="epoch(method=...)", fix=f"use one of {_resample.METHODS}")
+    check_choice(anchor, Anchor, function="epoch", name="anchor")
+    check_choice(baseline, Baseline, function="epoch", name="baseline")
+    check_choice(method, InterpolationMethod, function="epoch", name="method", label="interpolation method")
     table = _epochs.read_events(events)
     source = str(events.url if isinstance(events, Location) else "DataFrame" if isinstance(events, pd.DataFrame) else events)
     times = _times(ds, "epoch")
