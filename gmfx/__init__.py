@@ -36,10 +36,12 @@ if TYPE_CHECKING:  # the same names, imported for type checkers and IDEs
     from gmfx.models import Backend, Topology, available_backends, get_backend, register_backend
     from gmfx.pipeline import RecordingSummary, run_pipeline
     from gmfx.preproc import MOTION_PARAMS, align, epoch, filter, interpolate, open_recon
+    from gmfx.preproc import evoked, to_mne
     from gmfx.stages.decode import open_frames, run_decode
     from gmfx.stages.preproc import run_epochs, run_preproc
     from gmfx.stages.recon import run_recon
     from gmfx.storage import Location, LocationLike, open_store
+    from gmfx.render import Raster, ViewOptions, get_rasterizer, qc_report, render_frames, render_still, render_video, run_render
 
 #: public name -> module that defines it; each is imported on first use, so ``import gmfx`` (and the
 #: ``gmfx`` command's start-up) stays fast
@@ -74,6 +76,8 @@ _LAZY = {
     "filter": "gmfx.preproc",
     "interpolate": "gmfx.preproc",
     "open_recon": "gmfx.preproc",
+    "evoked": "gmfx.preproc",
+    "to_mne": "gmfx.preproc",
     "open_frames": "gmfx.stages.decode",
     "run_decode": "gmfx.stages.decode",
     "run_epochs": "gmfx.stages.preproc",
@@ -82,6 +86,14 @@ _LAZY = {
     "Location": "gmfx.storage",
     "LocationLike": "gmfx.storage",
     "open_store": "gmfx.storage",
+    "Raster": "gmfx.render",
+    "ViewOptions": "gmfx.render",
+    "get_rasterizer": "gmfx.render",
+    "qc_report": "gmfx.render",
+    "render_frames": "gmfx.render",
+    "render_still": "gmfx.render",
+    "render_video": "gmfx.render",
+    "run_render": "gmfx.render",
 }
 
 __all__ = [
@@ -122,6 +134,8 @@ __all__ = [
     "interpolate",
     "filter",
     "epoch",
+    "evoked",
+    "to_mne",
     "MOTION_PARAMS",
     # models
     "Backend",
@@ -129,6 +143,15 @@ __all__ = [
     "available_backends",
     "get_backend",
     "register_backend",
+    # rendering and quality control
+    "ViewOptions",
+    "run_render",
+    "render_video",
+    "render_still",
+    "render_frames",
+    "qc_report",
+    "get_rasterizer",
+    "Raster",
 ]
 
 
