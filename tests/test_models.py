@@ -8,7 +8,7 @@ from scipy.spatial.transform import Rotation
 
 from gmfx import ModelError
 from gmfx.models import Face, Outputs, Topology, available_backends, get_backend, load_backend, register_backend
-from gmfx.models._geometry import similarity_fit
+from gmfx.models._geometry import fit_transforms
 from gmfx.models._tracking import assign_slots, match_points, stitch_segments, track_faces
 from gmfx.models.mediapipe import MediaPipeBackend, carried_scores, landmark_array, landmarks_to_pixels
 from gmfx.models._output import pack_faces
@@ -23,13 +23,21 @@ def motion():
 
 
 # -- geometry -----------------------------------------------------------------------------------------
-def test_similarity_fit_recovers_a_known_transform_and_matches_scipy():
+def _similarity_fit(source, target, weights=None):
+    """The template -> mesh similarity as MediaPipe's pose needs it, split into scale, rotation, translation."""
+    weights = np.ones(len(source)) if weights is None else weights
+    matrix = fit_transforms(source, target, weights, scale=True)
+    scale = np.linalg.norm(matrix[..., :3, 0], axis=-1)  # column length: a reflection keeps its negative determinant
+    return scale, matrix[..., :3, :3] / scale[..., None, None], matrix[..., :3, 3]
+
+
+def test_one_fit_recovers_a_known_similarity_from_a_shared_source_and_matches_scipy():
     rng = np.random.default_rng(0)
     source = rng.normal(size=(30, 3))
     rotation = Rotation.from_rotvec([0.3, -0.8, 0.5]).as_matrix()
     target = 2.5 * source @ rotation.T + [10, -4, 7] + rng.normal(scale=0.01, size=(30, 3))
     weights = rng.uniform(0.1, 1, 30)
-    scale, fitted, translation = similarity_fit(source, target, weights)
+    scale, fitted, translation = _similarity_fit(source, target, weights)
     assert scale == pytest.approx(2.5, rel=1e-2)
     np.testing.assert_allclose(translation, [10, -4, 7], atol=0.05)
     centred_source = source - weights @ source / weights.sum()
@@ -39,18 +47,18 @@ def test_similarity_fit_recovers_a_known_transform_and_matches_scipy():
     assert np.linalg.det(fitted) == pytest.approx(1.0)
 
 
-def test_similarity_fit_in_a_batch_equals_one_fit_per_item():
+def test_one_fit_in_a_batch_of_targets_equals_one_fit_per_item():
     rng = np.random.default_rng(3)
     source, targets, weights = rng.normal(size=(12, 3)), rng.normal(size=(5, 12, 3)), rng.uniform(size=12)
-    scales, rotations, translations = similarity_fit(source, targets, weights)
+    scales, rotations, translations = _similarity_fit(source, targets, weights)
     for i, target in enumerate(targets):
-        scale, rotation, translation = similarity_fit(source, target, weights)
+        scale, rotation, translation = _similarity_fit(source, target, weights)
         np.testing.assert_allclose([scales[i], *rotations[i].ravel(), *translations[i]], [scale, *rotation.ravel(), *translation])
 
 
-def test_similarity_fit_never_returns_a_reflection():
+def test_one_fit_never_returns_a_reflection():
     source = np.random.default_rng(1).normal(size=(10, 3))
-    _, rotation, _ = similarity_fit(source, source * [1, 1, -1])
+    _, rotation, _ = _similarity_fit(source, source * [1, 1, -1])
     assert np.linalg.det(rotation) == pytest.approx(1.0)
 
 

@@ -9,6 +9,7 @@ from scipy.interpolate import PchipInterpolator
 from scipy.spatial.transform import Rotation, Slerp
 
 from gmfx import EventsError, ParameterError
+from gmfx.models._geometry import fit_transforms
 from gmfx.preproc import _epochs, _filters, _resample, _rigid
 from gmfx.storage import Location
 
@@ -26,7 +27,7 @@ def test_fit_transforms_recovers_a_known_similarity(seed, scale):
     target = factor * points @ rotation.T + shift
     weights = rng.uniform(0, 1, 40) * (rng.uniform(size=40) > 0.3)
     weights[:3] = 1
-    fit = _rigid.fit_transforms(points[None], target, weights, scale=scale)[0]
+    fit = fit_transforms(points[None], target, weights, scale=scale)[0]
     np.testing.assert_allclose(fit[:3, :3], factor * rotation, atol=1e-9)
     np.testing.assert_allclose(fit[:3, 3], shift, atol=1e-9)
     np.testing.assert_allclose(fit[3], [0, 0, 0, 1])
@@ -37,7 +38,7 @@ def test_fit_transforms_matches_scipy_align_vectors_on_noisy_points():
     points = rng.standard_normal((5, 30, 3))
     reference = rng.standard_normal((30, 3))
     weights = rng.uniform(0.1, 1, 30)
-    fits = _rigid.fit_transforms(points, reference, weights)
+    fits = fit_transforms(points, reference, weights)
     for frame, fit in zip(points, fits, strict=True):
         mean_p = np.average(frame, axis=0, weights=weights)
         mean_r = np.average(reference, axis=0, weights=weights)
@@ -52,7 +53,7 @@ def test_fit_transforms_gives_nan_for_frames_with_nan_and_ignores_unweighted_nan
     points[2, 9] = np.nan
     weights = np.ones(10)
     weights[9] = 0
-    fits = _rigid.fit_transforms(points, points[0], weights)
+    fits = fit_transforms(points, points[0], weights)
     assert np.isfinite(fits[0]).all() and np.isnan(fits[1]).all() and np.isfinite(fits[2]).all()
 
 

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from gmfx.models._base import Backend, Face, Topology
-from gmfx.models._geometry import similarity_fit, similarity_matrix
+from gmfx.models._geometry import fit_transforms
 from gmfx.models._tracking import match_points
 
 __all__ = ["MediaPipeBackend", "N_MESH_VERTICES", "N_VERTICES"]
@@ -221,7 +221,7 @@ def pose_matrices(meshes: np.ndarray) -> np.ndarray:
     """The ``(n, 4, 4)`` float32 template -> mesh similarities of ``(n, 478, 3)`` meshes, fitted on the
     Procrustes basis."""
     canonical, _, indices, weights = _resources()
-    return similarity_matrix(*similarity_fit(canonical[indices], meshes[:, indices], weights)).astype(np.float32)
+    return fit_transforms(canonical[indices], meshes[:, indices], weights, scale=True).astype(np.float32)
 
 
 def carried_scores(

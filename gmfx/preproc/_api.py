@@ -22,6 +22,7 @@ import xarray as xr
 from gmfx._checks import check_choice
 from gmfx._errors import ParameterError
 from gmfx._version import __version__
+from gmfx.models._geometry import fit_transforms
 from gmfx.preproc import _epochs, _filters, _motion, _one_euro, _resample, _rigid
 from gmfx.storage import Location, LocationLike, as_location, open_dataset
 
@@ -285,7 +286,7 @@ def _alignment_weights(ds: xr.Dataset, vertices) -> np.ndarray:
 
 
 def _fit_block(points: np.ndarray, reference: np.ndarray, *, weights: np.ndarray, scale: bool) -> np.ndarray:
-    return _rigid.fit_transforms(points, reference[None], weights, scale=scale)
+    return fit_transforms(points, reference[None], weights, scale=scale)
 
 
 def _apply_block(transforms: np.ndarray, points: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Closed-form rigid (and similarity) fits and 4x4 affine helpers, batched over leading axes.
+"""4x4 affine helpers (apply, invert, decompose into motion parameters), batched over leading axes; the fit
+itself is :func:`gmfx.models._geometry.fit_transforms`.
 
 Convention for the 12 motion parameters of an affine ``M`` (``x' = A x + t``)::
 
@@ -12,9 +13,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from gmfx.models._geometry import affine_matrix
+
 __all__ = [
     "MOTION_PARAMS",
-    "fit_transforms",
     "apply_affine",
     "invert_affine",
     "decompose_affine",
@@ -23,69 +25,6 @@ __all__ = [
 ]
 
 MOTION_PARAMS = ("tx", "ty", "tz", "rx", "ry", "rz", "sx", "sy", "sz", "shear_xy", "shear_xz", "shear_yz")
-
-
-def fit_transforms(points: np.ndarray, reference: np.ndarray, weights: np.ndarray, *, scale: bool = False) -> np.ndarray:
-    """Weighted least-squares rotation + translation (+ uniform scale) mapping ``points`` onto ``reference``.
-
-    Closed form of Umeyama (1991): one 3x3 SVD per frame, all frames at once.
-
-    Parameters
-    ----------
-    points
-        ``(..., vertex, 3)`` point sets (e.g. one per frame and face).
-    reference
-        ``(vertex, 3)`` or an array broadcastable to ``points``.
-    weights
-        ``(vertex,)`` non-negative weights; vertices with weight 0 are ignored.
-    scale
-        Also fit a uniform scale.
-
-    Returns
-    -------
-    ``(..., 4, 4)`` affines ``M`` with ``M @ [p, 1] ~ [reference, 1]``; NaN where a weighted point or
-    the reference is not finite.
-    """
-    used = np.asarray(weights, dtype=np.float64) > 0
-    w = np.asarray(weights, dtype=np.float64)[used]
-    w = w / w.sum()
-    # only the weighted vertices are ever copied (and made float64); a shared reference stays unbroadcast
-    index = np.flatnonzero(used)
-    x = np.take(np.asarray(points), index, axis=-2).astype(np.float64)  # np.take: ~3x a boolean mask here
-    y = np.take(np.asarray(reference), index, axis=-2).astype(np.float64)
-    valid = np.isfinite(x).all(axis=(-2, -1)) & np.isfinite(y).all(axis=(-2, -1))
-    if not valid.all():
-        x = np.where(valid[..., None, None], x, 0.0)
-        y = np.where(valid[..., None, None], y, 0.0)
-    mean_x = np.einsum("...vi,v->...i", x, w)
-    mean_y = np.einsum("...vi,v->...i", y, w)
-    xc = x - mean_x[..., None, :]
-    yc = y - mean_y[..., None, :]
-    covariance = np.matmul(np.swapaxes(yc * w[:, None], -1, -2), xc)
-    u, d, vt = np.linalg.svd(covariance)
-    sign = np.sign(np.linalg.det(u) * np.linalg.det(vt))
-    sign[sign == 0] = 1.0
-    correction = np.ones(d.shape)
-    correction[..., 2] = sign
-    rotation = np.einsum("...ij,...j,...jk->...ik", u, correction, vt)
-    if scale:
-        variance = np.einsum("...vi,...vi->...", xc * w[:, None], xc)
-        factor = (d * correction).sum(-1) / np.where(variance > 0, variance, np.nan)
-    else:
-        factor = np.ones(valid.shape)
-    linear = factor[..., None, None] * rotation
-    translation = mean_y - np.einsum("...ij,...j->...i", linear, mean_x)
-    out = _assemble(linear, translation)
-    out[~valid] = np.nan
-    return out
-
-
-def _assemble(linear: np.ndarray, translation: np.ndarray) -> np.ndarray:
-    out = np.zeros(linear.shape[:-2] + (4, 4))
-    out[..., :3, :3] = linear
-    out[..., :3, 3] = translation
-    out[..., 3, 3] = 1.0
-    return out
 
 
 def apply_affine(matrices: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -106,7 +45,7 @@ def invert_affine(matrices: np.ndarray) -> np.ndarray:
     finite = np.isfinite(matrices).all(axis=(-2, -1))
     safe = np.where(finite[..., None, None], matrices, np.eye(4))
     linear = np.linalg.inv(safe[..., :3, :3])
-    out = _assemble(linear, -np.einsum("...ij,...j->...i", linear, safe[..., :3, 3]))
+    out = affine_matrix(linear, -np.einsum("...ij,...j->...i", linear, safe[..., :3, 3]))
     out[~finite] = np.nan
     return out
 
@@ -164,4 +103,4 @@ def compose_affine(params: np.ndarray) -> np.ndarray:
     shear[..., 0, 1], shear[..., 0, 2], shear[..., 1, 2] = p[..., 9], p[..., 10], p[..., 11]
     scales = p[..., 6:9]
     linear = rotation @ shear * scales[..., None, :]
-    return _assemble(linear, p[..., :3])
+    return affine_matrix(linear, p[..., :3])

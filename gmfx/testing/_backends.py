@@ -17,7 +17,7 @@ import numpy as np
 
 from gmfx._errors import ModelError
 from gmfx.models import Backend, Face, Outputs, Topology
-from gmfx.models._geometry import similarity_matrix
+from gmfx.models._geometry import affine_matrix
 from gmfx.models._output import pack_faces
 
 __all__ = ["BrightSquareBackend", "GpuBrightSquareBackend", "check_backend"]
@@ -219,7 +219,7 @@ class BrightSquareBackend(Backend):
         if not bright.any():
             return []
         y, x = np.nonzero(bright)
-        mat = similarity_matrix(max(np.ptp(x), np.ptp(y), 1) / 2, np.eye(3), np.array([x.mean(), y.mean(), 0.0]))
+        mat = affine_matrix(max(np.ptp(x), np.ptp(y), 1) / 2 * np.eye(3), np.array([x.mean(), y.mean(), 0.0]))
         vertices = self.topology().template @ mat[:3, :3].T + mat[:3, 3]
         brightness = np.array([frame.mean()], np.float32)
         return [Face(vertices.astype(np.float32), mat.astype(np.float32), float(bright.mean()), {"brightness": brightness})]
