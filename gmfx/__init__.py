@@ -78,6 +78,7 @@ _LAZY = {
     "open_recon": "gmfx.preproc",
     "evoked": "gmfx.preproc",
     "to_mne": "gmfx.preproc",
+    "reference_shape": "gmfx.preproc",
     "open_frames": "gmfx.stages.decode",
     "run_decode": "gmfx.stages.decode",
     "run_epochs": "gmfx.stages.preproc",
@@ -136,6 +137,7 @@ __all__ = [
     "epoch",
     "evoked",
     "to_mne",
+    "reference_shape",
     "MOTION_PARAMS",
     # models
     "Backend",

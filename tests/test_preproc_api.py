@@ -15,7 +15,7 @@ from scipy.optimize import brentq
 from scipy.spatial.transform import Rotation
 
 from gmfx import EventsError, ParameterError
-from gmfx.preproc import align, epoch, filter, interpolate
+from gmfx.preproc import align, epoch, filter, interpolate, reference_shape
 from gmfx.testing._synthetic import synthetic_face, synthetic_recon_dataset
 
 SETTINGS = settings(max_examples=15, deadline=None)
@@ -83,6 +83,20 @@ def test_align_recovers_the_known_motion_and_removes_jitter():
         assert np.degrees(angles).max() < 0.5
     scaled = align(ds, scale=True).motion.values[:, 0, 6:9]
     np.testing.assert_allclose(scaled, 1.0, atol=0.01)
+
+
+def test_reference_shape_is_the_first_valid_frame_and_align_onto_it_is_align_by_name():
+    ds = _dataset(32)
+    first = reference_shape(ds, "first")
+    assert first.dims == ("face", "vertex", "coord") and first.attrs["gmfx_reference"] == "first"
+    valid = np.flatnonzero(np.isfinite(FACE.v[:, 0]).all(axis=(1, 2)))[0]  # oracle: the first frame with every vertex
+    np.testing.assert_allclose(first.values[0], FACE.v[valid, 0], atol=1e-5)
+    for name in ("first", "mean"):
+        by_name, given = align(ds, reference=name), align(ds, reference=reference_shape(ds, name).compute())
+        np.testing.assert_allclose(given.v.values, by_name.v.values, atol=1e-5)
+        assert given.attrs["gmfx_history"] == by_name.attrs["gmfx_history"]
+    with pytest.raises(ParameterError, match="reference"):
+        reference_shape(ds, "template")
 
 
 def test_align_with_mat_inverts_the_backend_pose_and_keeps_nan_frames():

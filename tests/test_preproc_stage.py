@@ -2,6 +2,7 @@
 
 import warnings
 
+import dask
 import numpy as np
 import pytest
 import xarray as xr
@@ -147,8 +148,20 @@ def test_whole_recording_references_are_computed_once_and_give_the_lazy_result(t
     written = open_dataset(target, stage="preproc")
     np.testing.assert_allclose(written.v.values, expected.v.values, atol=1e-6)
     assert written.attrs["gmfx_history"] == expected.attrs["gmfx_history"]
-    # the regions' graphs hold the computed reference, not the reduction over every chunk
+    # the speed-up: one region's graph reads its own source chunk only (the reference is computed once,
+    # not a reduction over every chunk that each region task would recompute)
+    from gmfx.preproc._api import _frames
     from gmfx.stages.preproc import _global_references
 
-    given = _global_references(open_dataset(source, stage="recon"), options, None)
-    assert isinstance(given["_target"], np.ndarray) and given["_target"].shape == (1, FACE.v.shape[2], 3)
+    recon = open_dataset(source, stage="recon")
+    given = _global_references(recon, options, None)
+    assert given["reference"].shape == (1, FACE.v.shape[2], 3) and given["reference"].attrs["gmfx_reference"] == reference
+    source_name = recon["v"].data.name
+
+    def region_reads(align) -> set:  # the source chunks that the first 32-frame region's graph reads
+        region = _frames(chain(recon, align=align, filter=False)["v"].data, 0, 32)
+        needed = region.__dask_graph__().cull(set(dask.core.flatten(region.__dask_keys__())))
+        return {key for key in dict(needed) if isinstance(key, tuple) and key[0] == source_name}
+
+    reads = region_reads(given)
+    assert reads == region_reads({"reference": "template"}) and len(reads) < recon["v"].data.numblocks[0], sorted(reads)

@@ -40,6 +40,7 @@ _STORE_STATE = ("gmfx_stage", "gmfx_plan", "gmfx_regions", "gmfx_complete")
 
 #: the choices of the operations' parameters (checked by :func:`gmfx._checks.check_choice`)
 Reference = Literal["template", "first", "mean", "mat"]
+WholeRecordingReference = Literal["first", "mean"]
 InterpolationMethod = Literal["linear", "pchip", "cubic"]
 OnShort = Literal["error", "nan"]
 FilterMethod = Literal["butterworth", "one_euro"]
@@ -202,6 +203,8 @@ def _user_reference(reference, n_face: int, n_vertex: int) -> tuple[np.ndarray, 
     if isinstance(reference, (np.ndarray, xr.DataArray)):
         shape, where = np.asarray(reference, dtype=np.float64), "align(reference=<array>)"
         label = f"array sha1:{hashlib.sha1(np.ascontiguousarray(shape).tobytes()).hexdigest()[:12]}"
+        if isinstance(reference, xr.DataArray) and "gmfx_reference" in reference.attrs:
+            label = reference.attrs["gmfx_reference"]  # a computed reference_shape(): the history keeps its name
     elif isinstance(reference, (str, os.PathLike, Location)):
         location = reference if isinstance(reference, Location) else Location(os.fspath(reference))
         where = label = location.url
@@ -322,13 +325,42 @@ def _fit(data: da.Array, reference: da.Array, weights: np.ndarray, scale: bool) 
     )  # fmt: skip
 
 
+def _whole_recording_reference(data: da.Array, weights: np.ndarray, reference: str, scale: bool) -> da.Array:
+    target = _first_reference(data, weights)
+    if reference == "mean":
+        aligned = da.map_blocks(_apply_block, _fit(data, target, weights, scale), data, chunks=data.chunks, dtype=np.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            target = da.nanmean(aligned.astype(np.float64), axis=0)
+    return target
+
+
+def reference_shape(
+    ds: xr.Dataset,
+    reference: WholeRecordingReference = "mean",
+    *,
+    vertices: Sequence[int] | np.ndarray | None = None,
+    scale: bool = False,
+) -> xr.DataArray:
+    """The lazy ``(face, vertex, coord)`` shape that ``align(ds, reference=reference)`` fits every frame onto.
+
+    ``"first"`` is each face's first valid frame, ``"mean"`` the mean shape after aligning to it (every chunk
+    of the recording is read). Compute it once and pass it as ``align(reference=...)``: each task of a
+    chunked writer then holds the shape instead of the reduction (which it would recompute, reading the
+    whole recording once per task); ``attrs["gmfx_reference"]`` keeps its name for the history.
+    """
+    check_choice(reference, WholeRecordingReference, function="reference_shape", name="reference")
+    v = _require(ds, "v", ("time", "face", "vertex", "coord"), "reference_shape")
+    shape = _whole_recording_reference(_dask(v), _alignment_weights(ds, vertices), reference, scale)
+    return xr.DataArray(shape, dims=("face", "vertex", "coord"), name="reference", attrs={"gmfx_reference": reference})
+
+
 def align(
     ds: xr.Dataset,
     *,
     reference: Reference | LocationLike | np.ndarray | xr.DataArray = "template",
     vertices: Sequence[int] | np.ndarray | None = None,
     scale: bool = False,
-    _target: np.ndarray | None = None,
 ) -> xr.Dataset:
     """Remove rigid head motion: fit each frame onto a reference shape and express it in local space.
 
@@ -355,10 +387,9 @@ def align(
     (time, face, motion_param): translation, rotation in degrees (rx and rz in [-90, 270), continuous
     through +/-180), scales and shears of ``mat``; every later operation derives it from ``mat`` again.
 
-    For ``"first"`` and ``"mean"`` the reference shape is a reduction over the whole recording; the
-    lazy ``v`` carries it as ``v.data._gmfx_target`` so that a writer that splits the work into many
-    tasks computes it once and passes it back as ``_target`` (the same reference, already computed)
-    instead of letting every task recompute it.
+    For ``"first"`` and ``"mean"`` the reference shape is a reduction over the whole recording: a writer
+    that splits the work into many tasks computes :func:`reference_shape` once and passes the result as
+    ``reference`` (the history still records its name), instead of letting every task recompute it.
     """
     v = _require(ds, "v", ("time", "face", "vertex", "coord"), "align")
     user_shape = None
@@ -383,17 +414,9 @@ def align(
         elif reference == "template":
             template = np.asarray(_require(ds, "template", ("vertex", "coord"), "align(reference='template')").values)
             target = da.from_array(np.broadcast_to(template, data.shape[1:]).astype(np.float64))
-        elif _target is not None:
-            target = da.from_array(np.broadcast_to(np.asarray(_target, dtype=np.float64), data.shape[1:]))
         else:
-            target = _first_reference(data, weights)
+            target = _whole_recording_reference(data, weights, reference, scale)
         transforms = _fit(data, target, weights, scale)
-        if reference == "mean" and _target is None:
-            aligned = da.map_blocks(_apply_block, transforms, data, chunks=data.chunks, dtype=np.float32)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                target = da.nanmean(aligned.astype(np.float64), axis=0)
-            transforms = _fit(data, target, weights, scale)
     def fits(lo: int, hi: int) -> da.Array:  # the transforms of frames lo:hi only (same keys for v, mat, motion)
         if reference == "mat":
             return world[lo:hi].rechunk({0: -1}).map_blocks(_rigid.invert_affine, dtype=np.float64)
@@ -405,8 +428,6 @@ def align(
         return local, mat.astype(np.float32), _motion_of(mat)
 
     local, mat, motion = outputs(transforms, data)
-    if reference in ("first", "mean") and _target is None:
-        local._gmfx_target = target
     for position, array in enumerate((local, mat, motion)):
         _with_recipe(array, lambda lo, hi, p=position: outputs(fits(lo, hi), data[lo:hi].rechunk({0: -1}))[p])
     out = ds.copy()

@@ -89,11 +89,9 @@ def _global_references(ds: xr.Dataset, align: Options, client: Client | None) ->
     options = _options(align)
     if options is None or options.get("reference") not in ("first", "mean"):
         return align
-    target = getattr(ops.align(ds, **options)["v"].data, "_gmfx_target", None)
-    if target is None:
-        return align
-    computed = client.compute(target).result() if client is not None else target.compute()
-    return {**options, "_target": computed}
+    shape = ops.reference_shape(ds, options["reference"], vertices=options.get("vertices"), scale=options.get("scale", False))
+    computed = client.compute(shape).result() if client is not None else shape.compute()
+    return {**options, "reference": computed}
 
 
 def chain(ds: xr.Dataset, *, align: Options = True, interpolate: Options = True, filter: Options = True) -> xr.Dataset:  # noqa: A002
