@@ -1,0 +1,288 @@
+"""DECA (coarse) as a gmfx backend: crop -> ResNet-50 encoder -> FLAME codes -> meshes in image space.
+
+Per frame: a detector's landmarks give each face's box (``--detector mediapipe|fan``); DECA's crop
+rule (1.25 x the face, 224 x 224) cuts it out; the encoder of ``deca_model.tar`` (``E_flame``)
+predicts 236 numbers split into shape 100, tex 50, exp 50, pose 6 (global, jaw), cam 3 (s, tx, ty)
+and light 27; gmfx's FLAME layer decodes them. Frames are batched through the network on the
+backend's device, optionally in mixed precision (the encoder only; FLAME runs in float32).
+
+Spaces
+    ``local``: FLAME in metres with the global rotation left out (neck, jaw and eyes applied).
+    ``mat`` = image <- crop (inverse crop similarity, z scaled alike) @ crop <- model (DECA's
+    orthographic camera) @ the global rotation about FLAME's root joint; ``v = mat @ local`` are
+    pixels of the original frame (x right, y down, z away from the camera), so meshes overlay it.
+Landmarks
+    FLAME's 68 landmarks (17 contour points chosen by head yaw, 51 inner points) in the same space.
+
+The model directory (:mod:`gmfx.models._files`) holds ``FLAME2020/generic_model.pkl`` (or the
+``.npz`` of ``gmfx models import-flame``), ``FLAME2020/landmark_embedding.npy`` and
+``DECA/deca_model.tar``. Only ``E_flame`` is read (strictly: every key and shape); the detail networks
+are not used by the coarse reconstruction.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from functools import lru_cache
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+
+from gmfx._errors import ModelError
+from gmfx.models._base import Backend, Face, Outputs, Topology
+from gmfx.models._crops import box_from_landmarks, crop_to_image, orthographic_camera, square_crop, warp_crops
+from gmfx.models._detect import make_detector
+from gmfx.models._files import ModelFile, model_dir, read_model_file
+from gmfx.models._flame import FlameLayer, FlameModel, read_flame, read_landmark_embedding, rodrigues
+from gmfx.models._pickle import load_pickle, load_torch
+from gmfx.models._resnet import ResNetEncoder, load_strict
+from gmfx.storage import Location
+
+__all__ = ["DecaBackend", "FLAME_FILE", "FLAME_MASKS_FILE", "LANDMARK_FILE", "DECA_FILE", "flame_topology", "split_deca_code"]
+
+FLAME_FILE = ModelFile(
+    "flame",
+    ("FLAME2020/generic_model.npz", "FLAME2020/generic_model.pkl"),
+    "FLAME 2020 model",
+    "register at https://flame.is.tue.mpg.de, download FLAME 2020 (FLAME2020.zip) and put generic_model.pkl in "
+    "FLAME2020/ (then `gmfx models import-flame FLAME2020/generic_model.pkl` converts it to a pickle-free .npz)",
+)
+LANDMARK_FILE = ModelFile(
+    "landmark_embedding",
+    ("FLAME2020/landmark_embedding.npy",),
+    "FLAME landmark embedding",
+    "take data/landmark_embedding.npy of DECA (https://github.com/yfeng95/DECA) and put it in FLAME2020/",
+)
+FLAME_MASKS_FILE = ModelFile(
+    "flame_masks",
+    ("FLAME2020/FLAME_masks.pkl",),
+    "FLAME vertex masks (optional: rigid vertices for alignment)",
+    "download FLAME_masks.zip from https://flame.is.tue.mpg.de and put FLAME_masks.pkl in FLAME2020/",
+)
+DECA_FILE = ModelFile(
+    "deca_model",
+    ("DECA/deca_model.tar",),
+    "DECA model",
+    "register at https://deca.is.tue.mpg.de and download deca_model.tar (link in the README of "
+    "https://github.com/yfeng95/DECA) into DECA/",
+)
+
+#: DECA's code layout: name -> size, in the order of the encoder's 236 outputs
+DECA_CODES = {"shape": 100, "tex": 50, "exp": 50, "pose": 6, "cam": 3, "light": 27}
+#: mask regions of FLAME_masks.pkl that move least with expression and jaw: the rigid default with masks
+RIGID_MASKS = ("scalp", "forehead", "nose")
+#: without masks: vertices whose jaw/eye skinning weight is below this ...
+RIGID_MAX_JAW_EYE_WEIGHT = 0.01
+#: ... and whose expression displacement is in this lowest fraction
+RIGID_EXPRESSION_QUANTILE = 0.5
+
+
+def split_deca_code(code: torch.Tensor) -> dict[str, torch.Tensor]:
+    """DECA's ``(B, 236)`` encoder output split into its named parts (:data:`DECA_CODES`)."""
+    parts, start = {}, 0
+    for name, size in DECA_CODES.items():
+        parts[name] = code[:, start : start + size]
+        start += size
+    return parts
+
+
+@lru_cache(maxsize=4)
+def _flame_files(url: str, storage_options: tuple) -> tuple[FlameModel, str]:
+    root = Location(url, dict(storage_options))
+    data, where = read_model_file(root, FLAME_FILE)
+    return read_flame(data, where=where), where
+
+
+def load_flame_model(root: Location) -> FlameModel:
+    """The FLAME model of the model directory ``root`` (read once per process)."""
+    return _flame_files(root.url, tuple(sorted(root.storage_options.items())))[0]
+
+
+def _rigid_from_masks(root: Location, n_vertices: int) -> np.ndarray | None:
+    from gmfx.models._files import find_model_file
+
+    found = find_model_file(root, FLAME_MASKS_FILE)
+    if found is None:
+        return None
+    with found.open("rb") as handle:
+        masks = load_pickle(handle.read(), where=found.url)
+    missing = [name for name in RIGID_MASKS if name not in masks]
+    if missing:
+        raise ModelError(f"FLAME_masks.pkl lacks {', '.join(missing)}", where=found.url, fix="use the original FLAME_masks.pkl")
+    rigid = np.zeros(n_vertices, bool)
+    for name in RIGID_MASKS:
+        rigid[np.asarray(masks[name], dtype=np.int64)] = True
+    return rigid
+
+
+def default_rigid(model: FlameModel) -> np.ndarray:
+    """Vertices bound to neither jaw nor eyes whose expression displacement is in the lower half."""
+    free = model.weights[:, 2:].sum(axis=1) < RIGID_MAX_JAW_EYE_WEIGHT
+    motion = np.linalg.norm(model.shapedirs[:, :, 300:], axis=(1, 2))
+    return free & (motion <= np.quantile(motion[free], RIGID_EXPRESSION_QUANTILE))
+
+
+def flame_topology(root: Location | None = None) -> Topology:
+    """The FLAME 2020 mesh of the model directory: template (m), triangles, rigid vertices
+    (``scalp``, ``forehead`` and ``nose`` of ``FLAME_masks.pkl`` when present, else :func:`default_rigid`)."""
+    root = root or model_dir()
+    model = load_flame_model(root)
+    rigid = _rigid_from_masks(root, model.n_vertices)
+    return Topology(
+        name=f"flame2020-{model.n_vertices}",
+        template=model.v_template,
+        triangles=model.faces.astype(np.int32),
+        units="m",
+        rigid=default_rigid(model) if rigid is None else rigid,
+    )
+
+
+Precision = Literal["float32", "float16", "bfloat16"]
+
+
+class DecaBackend(Backend):
+    """DECA's coarse reconstruction (FLAME 2020 codes and meshes), on CPU or CUDA.
+
+    Options of :meth:`load`: ``model_dir`` (default ``$GMFX_MODEL_DIR``), ``detector``
+    (``mediapipe`` or ``fan``), ``precision`` of the encoder (``float32``, ``float16``/``bfloat16``
+    autocast), ``min_detection_confidence`` (0.5).
+    """
+
+    name = "deca"
+    version = "deca-coarse-flame2020"
+    requires_gpu = False
+    devices = ("cpu", "cuda")
+    batch_size = 32
+    units = "pixels"
+    outputs = Outputs(codes=dict(DECA_CODES), n_landmarks=68)
+    model_files: ClassVar[tuple[ModelFile, ...]] = (FLAME_FILE, LANDMARK_FILE, DECA_FILE, FLAME_MASKS_FILE)
+
+    def __init__(self, encoder: torch.nn.Module, flame: FlameLayer, device: str, *, detector: str = "mediapipe",
+                 precision: Precision = "float32", min_detection_confidence: float = 0.5) -> None:
+        self.device = torch.device(device)
+        self.encoder = encoder.to(self.device).eval()
+        self.flame = flame.to(self.device)
+        self.precision = precision
+        self.detector = make_detector(detector, device, min_detection_confidence)  # type: ignore[arg-type]
+        self._lock = threading.Lock()
+
+    @classmethod
+    def topology(cls) -> Topology:
+        return flame_topology()
+
+    @classmethod
+    def attrs(cls, **options: Any) -> dict[str, Any]:
+        checked = cls._check_options(**options)
+        return {
+            "flame_version": "FLAME2020",
+            "detector": checked["detector"],
+            "precision": checked["precision"],
+            "crop": "DECA: box from landmarks (1.1 x extent), square of 1.25 x, 224 px, bilinear",
+            "camera": "scaled orthographic (s, tx, ty); mat = image <- crop @ camera @ global rotation",
+            "torch_version": torch.__version__,
+        }
+
+    @staticmethod
+    def _check_options(*, model_dir: str | None = None, detector: str = "mediapipe", precision: str = "float32",
+                       min_detection_confidence: float = 0.5, **extra: Any) -> dict[str, Any]:
+        if extra:
+            raise TypeError(f"unknown options {sorted(extra)}")
+        if detector not in ("mediapipe", "fan"):
+            raise ValueError(f"detector must be mediapipe or fan, not {detector!r}")
+        if precision not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"precision must be float32, float16 or bfloat16, not {precision!r}")
+        return {"model_dir": model_dir, "detector": detector, "precision": precision,
+                "min_detection_confidence": float(min_detection_confidence)}
+
+    @classmethod
+    def load(cls, device: str, **options: Any) -> DecaBackend:
+        checked = cls._check_options(**options)
+        root = model_dir(checked.pop("model_dir"))
+        encoder = cls._load_encoder(root)
+        return cls(encoder, cls._flame_layer(root), device, **checked)
+
+    @classmethod
+    def _flame_layer(cls, root: Location) -> FlameLayer:
+        model = load_flame_model(root)
+        data, where = read_model_file(root, LANDMARK_FILE)
+        embedding = read_landmark_embedding(data, where=where, n_faces=len(model.faces))
+        return FlameLayer(model, n_shape=DECA_CODES["shape"], n_expression=DECA_CODES["exp"], embedding=embedding)
+
+    @classmethod
+    def _load_encoder(cls, root: Location) -> torch.nn.Module:
+        data, where = read_model_file(root, DECA_FILE)
+        checkpoint = load_torch(data, where=where)
+        if not isinstance(checkpoint, Mapping) or "E_flame" not in checkpoint:
+            keys = sorted(checkpoint) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+            raise ModelError(f"deca_model.tar lacks 'E_flame' (it holds {keys})", where=where, fix="use the original deca_model.tar")
+        encoder = ResNetEncoder(sum(DECA_CODES.values()))
+        load_strict(encoder, checkpoint["E_flame"], where=f"{where} [E_flame]")
+        return encoder
+
+    def reset(self) -> None:
+        self.detector.reset()
+
+    def encode(self, crops: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The named codes of ``(N, 3, 224, 224)`` crops (float32)."""
+        return split_deca_code(self._run_encoder(self.encoder, crops))
+
+    def _run_encoder(self, encoder: torch.nn.Module, crops: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            if self.precision == "float32":
+                return encoder(crops).float()
+            dtype = torch.float16 if self.precision == "float16" else torch.bfloat16
+            with torch.autocast(device_type=self.device.type, dtype=dtype):
+                return encoder(crops).float()
+
+    def reconstruct(self, frames: np.ndarray, *, max_faces: int) -> list[list[Face]]:
+        detections = self.detector(frames, max_faces)
+        owners = [(i, points, score) for i, found in enumerate(detections) for points, score in found]
+        result: list[list[Face]] = [[] for _ in frames]
+        if not owners:
+            return result
+        centre, size = self._boxes(owners)
+        crop = square_crop(centre, size)
+        with self._lock, torch.inference_mode():
+            images = torch.from_numpy(np.ascontiguousarray(frames)).to(self.device)
+            index = torch.tensor([i for i, _, _ in owners], device=self.device)
+            crops = warp_crops(images, torch.from_numpy(crop).to(self.device), index)
+            codes = self.encode(crops)
+            local, landmarks, root = self._decode(codes)
+        codes_np = {name: value.cpu().numpy().astype(np.float32) for name, value in codes.items()}
+        global_rotation = rodrigues(codes["pose"][:, :3].double()).cpu().numpy()
+        mats = crop_to_image(crop) @ orthographic_camera(codes_np["cam"]) @ self._root_rotation(global_rotation, root)
+        local_np, landmarks_np = local.cpu().numpy().astype(np.float64), landmarks.cpu().numpy().astype(np.float64)
+        vertices = local_np @ np.swapaxes(mats[:, :3, :3], 1, 2) + mats[:, None, :3, 3]
+        points = landmarks_np @ np.swapaxes(mats[:, :3, :3], 1, 2) + mats[:, None, :3, 3]
+        for k, (i, _, score) in enumerate(owners):
+            result[i].append(Face(
+                vertices=vertices[k].astype(np.float32),
+                mat=mats[k].astype(np.float32),
+                score=float(score),
+                codes={name: value[k] for name, value in codes_np.items()},
+                landmarks=points[k].astype(np.float32),
+            ))
+        return result
+
+    @staticmethod
+    def _boxes(owners) -> tuple[np.ndarray, np.ndarray]:
+        centres, sizes = zip(*(box_from_landmarks(points) for _, points, _ in owners))
+        return np.stack(centres), np.array(sizes)
+
+    def _decode(self, codes: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """Local vertices (global rotation left out), landmarks (contour chosen with it) and root joints."""
+        pose = codes["pose"].float()
+        vertices, rotations, joints = self.flame(codes["shape"].float(), codes["exp"].float(), jaw=pose[:, 3:])
+        rotations = torch.cat([rodrigues(pose[:, None, :3]), rotations[:, 1:]], dim=1)
+        return vertices, self.flame.landmarks(vertices, rotations), joints[:, 0].double().cpu().numpy()
+
+    @staticmethod
+    def _root_rotation(rotation: np.ndarray, root: np.ndarray) -> np.ndarray:
+        """``(N, 4, 4)`` rotations about the root joints: ``T(root) R T(-root)``."""
+        matrix = np.zeros((len(rotation), 4, 4))
+        matrix[:, :3, :3] = rotation
+        matrix[:, :3, 3] = root - (rotation @ root[..., None])[..., 0]
+        matrix[:, 3, 3] = 1
+        return matrix
