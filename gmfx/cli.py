@@ -499,16 +499,37 @@ def _print_summary(summaries, timings, out: Location) -> None:
         )
 
 
-@app.command()
-def models() -> None:
-    """List the installed reconstruction models and what they declare.
+models_app = typer.Typer(
+    help="List the reconstruction models, their files (present or missing) and where to get them.",
+    rich_markup_mode=None,
+    add_completion=False,
+)
+app.add_typer(models_app, name="models")
+ModelDirOpt = Annotated[
+    str | None,
+    typer.Option("--model-dir", metavar="URL", help="Folder or URL of the model files [default: $GMFX_MODEL_DIR, else ~/.cache/gmfx/models].", show_default=False),
+]
 
-    Example:
+
+@models_app.callback(invoke_without_command=True)
+def models(ctx: typer.Context, model_dir: ModelDirOpt = None, storage_option: StorageOpt = None) -> None:
+    """List the installed reconstruction models, what they declare and the model files each needs.
+
+    Examples:
 
       gmfx models
-    """
-    from gmfx.models import available_backends, get_backend
 
+      gmfx models --model-dir s3://lab/models -s client_kwargs.endpoint_url=http://127.0.0.1:9000
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from gmfx.models import available_backends, get_backend
+    from gmfx.models._files import model_dir as resolve_model_dir
+    from gmfx.models._files import model_file_status
+
+    options = parse_storage_options(storage_option)
+    root = resolve_model_dir(model_dir, options)
+    typer.echo(f"model directory: {root.url}")
     for name in available_backends():
         try:
             backend = get_backend(name)
@@ -517,7 +538,52 @@ def models() -> None:
             continue
         devices = "/".join(backend.devices) + (" (GPU required)" if backend.requires_gpu else "")
         codes = ", ".join(f"{code} ({size})" for code, size in backend.outputs.codes.items()) or "none"
-        typer.echo(f"{name} (version {backend.version}): {backend.topology().n_vertices} vertices, devices {devices}, codes {codes}")
+        status = model_file_status(backend, root)
+        try:
+            vertices = f"{backend.topology().n_vertices} vertices"
+        except GmfxError:
+            vertices = "vertices unknown until its files are present"
+        typer.echo(f"{name} (version {backend.version}): {vertices}, devices {devices}, codes {codes}")
+        for spec, found in status:
+            if found is not None:
+                typer.echo(f"  present  {spec.description}: {found.url}")
+            else:
+                typer.echo(f"  MISSING  {spec.description} ({' or '.join(spec.paths)}): {spec.obtain}")
+
+
+@models_app.command("import-flame")
+def import_flame(
+    file: Annotated[str, typer.Argument(metavar="FILE", help="FLAME .pkl (generic_model.pkl, flame2023.pkl, ...).", show_default=False)],
+    model_dir: ModelDirOpt = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", metavar="URL", help="Where to write the .npz [default: FLAME2020/generic_model.npz in the model directory].")] = None,
+    storage_option: StorageOpt = None,
+) -> None:
+    """Convert a FLAME .pkl once into a pickle-free .npz that gmfx reads (checked key by key).
+
+    The .pkl is read by gmfx's restricted unpickler (chumpy and SciPy objects become arrays; anything
+    else is refused). Example:
+
+      gmfx models import-flame ~/Downloads/FLAME2020/generic_model.pkl --model-dir /lab/models
+    """
+    from gmfx.models._files import model_dir as resolve_model_dir
+    from gmfx.models._flame import read_flame, write_flame_npz
+
+    options = parse_storage_options(storage_option)
+    try:
+        source = Location(file, options)
+        if not source.exists():
+            raise GmfxError(f"no file {file}", where=file, fix="give the path of the FLAME .pkl")
+        with source.open("rb") as handle:
+            model = read_flame(handle.read(), where=source.url)
+        target = Location(out, options) if out else resolve_model_dir(model_dir, options).child("FLAME2020", "generic_model.npz")
+        fs, path = target.filesystem()
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        with target.open("wb") as handle:
+            write_flame_npz(model, handle)
+    except GmfxError as error:
+        typer.echo(redact(f"error: {error}", options), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{target.url} ({model.n_vertices} vertices, {len(model.faces)} triangles, {model.n_expression} expression components)")
 
 
 @app.command()
