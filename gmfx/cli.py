@@ -10,6 +10,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import os
 import sys
 import typing
 from collections.abc import Callable, Iterator
@@ -266,6 +267,10 @@ def recon(
         list[str] | None,
         typer.Option(metavar="KEY=VALUE", help="Option for the model, e.g. min_detection_confidence=0.3; repeatable."),
     ] = None,
+    model_dir: Annotated[str | None, typer.Option("--model-dir", metavar="URL", help="FLAME family: folder or URL of the model files [default: $GMFX_MODEL_DIR].")] = None,
+    detector: Annotated[str | None, typer.Option(metavar="NAME", help="FLAME family: face boxes from mediapipe (default) or fan (face-alignment).")] = None,
+    precision: Annotated[str | None, typer.Option(metavar="DTYPE", help="FLAME family: encoder precision float32 (default), float16 or bfloat16.")] = None,
+    save_vertices: Annotated[bool, typer.Option("--save-vertices", help="FLAME family: store vertices too (by default they are derived from the codes on read).")] = False,
 ) -> None:
     """Reconstruct a 3D face mesh per frame and face (decoding the videos first when needed).
 
@@ -279,6 +284,10 @@ def recon(
     """
     from gmfx.stages.recon import recon as run_recon
 
+    options = parse_key_values(model_option, where="--model-option")
+    if model_dir:  # the client reads the topology, the workers (started below) the weights, from there
+        os.environ["GMFX_MODEL_DIR"] = options["model_dir"] = model_dir
+    options.update({k: v for k, v in (("detector", detector), ("precision", precision)) if v is not None})
     recordings = sel.recordings()
     with sel.client(gpus=_local_gpus(sel, device)) as client:
         stores = run_recon(
@@ -290,9 +299,10 @@ def recon(
             batch_size=batch_size,
             max_faces=max_faces,
             segment_frames=segment_frames,
-            model_options=parse_key_values(model_option, where="--model-option"),
+            model_options=options,
             overwrite=sel.overwrite,
             progress=sel.progress,
+            save_vertices=save_vertices,
         )
     _print_outputs(stores)
 
@@ -528,6 +538,8 @@ def models(ctx: typer.Context, model_dir: ModelDirOpt = None, storage_option: St
     from gmfx.models._files import model_file_status
 
     options = parse_storage_options(storage_option)
+    if model_dir:  # the FLAME family reads its topology from there
+        os.environ["GMFX_MODEL_DIR"] = model_dir
     root = resolve_model_dir(model_dir, options)
     typer.echo(f"model directory: {root.url}")
     for name in available_backends():

@@ -22,6 +22,7 @@ are not used by the coarse reconstruction.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Mapping
 from functools import lru_cache
@@ -34,13 +35,24 @@ from gmfx._errors import ModelError
 from gmfx.models._base import Backend, Face, Outputs, Topology
 from gmfx.models._crops import box_from_landmarks, crop_to_image, orthographic_camera, square_crop, warp_crops
 from gmfx.models._detect import make_detector
-from gmfx.models._files import ModelFile, model_dir, read_model_file
+from gmfx.models._files import MODEL_DIR_ENV, ModelFile, read_model_file
+from gmfx.models._files import model_dir as resolve_model_dir
 from gmfx.models._flame import FlameLayer, FlameModel, read_flame, read_landmark_embedding, rodrigues
 from gmfx.models._pickle import load_pickle, load_torch
 from gmfx.models._resnet import ResNetEncoder, load_strict
 from gmfx.storage import Location
 
-__all__ = ["DecaBackend", "FLAME_FILE", "FLAME_MASKS_FILE", "LANDMARK_FILE", "DECA_FILE", "flame_topology", "split_deca_code"]
+__all__ = [
+    "DECA_FILE",
+    "FLAME_FILE",
+    "FLAME_MASKS_FILE",
+    "LANDMARK_FILE",
+    "DecaBackend",
+    "flame_topology",
+    "flame_vertices",
+    "split_deca_code",
+    "to_world",
+]
 
 FLAME_FILE = ModelFile(
     "flame",
@@ -117,6 +129,12 @@ def _rigid_from_masks(root: Location, n_vertices: int) -> np.ndarray | None:
     return rigid
 
 
+def adopt_model_dir(root: Location) -> None:
+    """Make ``root`` this process's model directory (``$GMFX_MODEL_DIR``) when none is set: a worker
+    that loads a model from the ``model_dir`` option then reads the topology from the same files."""
+    os.environ.setdefault(MODEL_DIR_ENV, root.url)
+
+
 def default_rigid(model: FlameModel) -> np.ndarray:
     """Vertices bound to neither jaw nor eyes whose expression displacement is in the lower half."""
     free = model.weights[:, 2:].sum(axis=1) < RIGID_MAX_JAW_EYE_WEIGHT
@@ -127,7 +145,7 @@ def default_rigid(model: FlameModel) -> np.ndarray:
 def flame_topology(root: Location | None = None) -> Topology:
     """The FLAME 2020 mesh of the model directory: template (m), triangles, rigid vertices
     (``scalp``, ``forehead`` and ``nose`` of ``FLAME_masks.pkl`` when present, else :func:`default_rigid`)."""
-    root = root or model_dir()
+    root = root or resolve_model_dir()
     model = load_flame_model(root)
     rigid = _rigid_from_masks(root, model.n_vertices)
     return Topology(
@@ -137,6 +155,82 @@ def flame_topology(root: Location | None = None) -> Topology:
         units="m",
         rigid=default_rigid(model) if rigid is None else rigid,
     )
+
+
+def to_world(local: np.ndarray, mats: np.ndarray) -> np.ndarray:
+    """``(..., V, 3)`` float32 local vertices through ``(..., 4, 4)`` float32 ``mat`` (in float64)."""
+    mats = mats.astype(np.float32).astype(np.float64)
+    world = local.astype(np.float64) @ np.swapaxes(mats[..., :3, :3], -1, -2) + mats[..., None, :3, 3]
+    return world.astype(np.float32)
+
+
+#: FLAME inputs of a codes-only store, and their sizes
+_VERTEX_CODES = {"code_shape": 100, "code_exp": 50, "code_pose": 6}
+
+
+@lru_cache(maxsize=4)
+def _decoder(url: str) -> FlameLayer:
+    return FlameLayer(load_flame_model(Location(url)), n_shape=DECA_CODES["shape"], n_expression=DECA_CODES["exp"])
+
+
+def _vertex_block(block: np.ndarray, *, url: str) -> np.ndarray:
+    """Vertices ``(t, f, V, 3)`` of a ``(t, f, 156 + 16)`` block of codes and flattened ``mat``."""
+    layer = _decoder(url)
+    t, f = block.shape[:2]
+    flat = block.reshape(t * f, -1)
+    out = np.full((t * f, layer.n_vertices, 3), np.nan, np.float32)
+    rows = np.flatnonzero(np.isfinite(flat).all(axis=1))
+    if len(rows):
+        codes = torch.from_numpy(flat[rows, :156].astype(np.float32))
+        with torch.inference_mode():
+            local, _, _ = layer(codes[:, :100], codes[:, 100:150], jaw=codes[:, 153:156])
+        out[rows] = to_world(local.numpy(), flat[rows, 156:].reshape(-1, 4, 4))
+    return out.reshape(t, f, layer.n_vertices, 3)
+
+
+def flame_vertices(ds: Any, *, model_dir: str | None = None) -> Any:
+    """The vertices ``v`` (time, face, vertex, coord) of a FLAME recon store, lazily from its codes.
+
+    One Dask task per time chunk decodes ``code_shape``, ``code_exp`` and the jaw of ``code_pose``
+    through FLAME (the file of the model directory: ``model_dir``, else the one recorded in the
+    store, else ``$GMFX_MODEL_DIR``) and applies ``mat``; equal to the vertices recon computed.
+    """
+    import dask.array as da
+    import xarray as xr
+
+    from gmfx._errors import ParameterError
+
+    missing = [name for name in (*_VERTEX_CODES, "mat") if name not in ds.variables]
+    if missing:
+        raise ParameterError(
+            f"deriving FLAME vertices needs {', '.join(missing)}",
+            where=f"dataset with variables {sorted(map(str, ds.data_vars))}",
+            fix="pass a recon store written by a FLAME model (deca, emoca)",
+        )
+    root = resolve_model_dir(model_dir or ds.attrs.get("model_dir"))
+    model = load_flame_model(root)
+    expected = ds.attrs.get("topology")
+    if expected is not None and expected != f"flame2020-{model.n_vertices}":
+        raise ModelError(
+            f"the store was made with the topology {expected}, the model directory holds flame2020-{model.n_vertices}",
+            where=root.url,
+            fix="point --model-dir / GMFX_MODEL_DIR at the FLAME files the store was made with",
+        )
+    parts = [_dask(ds[name]) for name in _VERTEX_CODES] + [_dask(ds["mat"]).reshape(*ds["mat"].shape[:2], 16)]
+    inputs = da.concatenate(parts, axis=2).rechunk({2: -1})
+    data = inputs.map_blocks(
+        _vertex_block, url=root.url, dtype=np.float32, drop_axis=2, new_axis=[2, 3],
+        chunks=(*inputs.chunks[:2], (model.n_vertices,), (3,)),
+    )  # fmt: skip
+    return xr.DataArray(data, dims=("time", "face", "vertex", "coord"), coords={k: ds.coords[k] for k in ("time", "face", "coord") if k in ds.coords},
+                        attrs={"space": "world", "units": "pixels", "derived": "FLAME(codes) through mat"})
+
+
+def _dask(array: Any) -> Any:
+    import dask.array as da
+
+    data = array.data
+    return data if isinstance(data, da.Array) else da.from_array(data, chunks=(len(data),) + data.shape[1:])
 
 
 Precision = Literal["float32", "float16", "bfloat16"]
@@ -158,6 +252,7 @@ class DecaBackend(Backend):
     units = "pixels"
     outputs = Outputs(codes=dict(DECA_CODES), n_landmarks=68)
     model_files: ClassVar[tuple[ModelFile, ...]] = (FLAME_FILE, LANDMARK_FILE, DECA_FILE, FLAME_MASKS_FILE)
+    derives_vertices = True
 
     def __init__(self, encoder: torch.nn.Module, flame: FlameLayer, device: str, *, detector: str = "mediapipe",
                  precision: Precision = "float32", min_detection_confidence: float = 0.5) -> None:
@@ -173,9 +268,14 @@ class DecaBackend(Backend):
         return flame_topology()
 
     @classmethod
+    def vertices(cls, ds: Any) -> Any:
+        return flame_vertices(ds)
+
+    @classmethod
     def attrs(cls, **options: Any) -> dict[str, Any]:
         checked = cls._check_options(**options)
         return {
+            "model_dir": resolve_model_dir(checked["model_dir"]).url,
             "flame_version": "FLAME2020",
             "detector": checked["detector"],
             "precision": checked["precision"],
@@ -199,7 +299,8 @@ class DecaBackend(Backend):
     @classmethod
     def load(cls, device: str, **options: Any) -> DecaBackend:
         checked = cls._check_options(**options)
-        root = model_dir(checked.pop("model_dir"))
+        root = resolve_model_dir(checked.pop("model_dir"))
+        adopt_model_dir(root)
         encoder = cls._load_encoder(root)
         return cls(encoder, cls._flame_layer(root), device, **checked)
 
@@ -252,17 +353,16 @@ class DecaBackend(Backend):
             local, landmarks, root = self._decode(codes)
         codes_np = {name: value.cpu().numpy().astype(np.float32) for name, value in codes.items()}
         global_rotation = rodrigues(codes["pose"][:, :3].double()).cpu().numpy()
-        mats = crop_to_image(crop) @ orthographic_camera(codes_np["cam"]) @ self._root_rotation(global_rotation, root)
-        local_np, landmarks_np = local.cpu().numpy().astype(np.float64), landmarks.cpu().numpy().astype(np.float64)
-        vertices = local_np @ np.swapaxes(mats[:, :3, :3], 1, 2) + mats[:, None, :3, 3]
-        points = landmarks_np @ np.swapaxes(mats[:, :3, :3], 1, 2) + mats[:, None, :3, 3]
+        mats = (crop_to_image(crop) @ orthographic_camera(codes_np["cam"]) @ self._root_rotation(global_rotation, root)).astype(np.float32)
+        vertices = to_world(local.float().cpu().numpy(), mats)
+        points = to_world(landmarks.float().cpu().numpy(), mats)
         for k, (i, _, score) in enumerate(owners):
             result[i].append(Face(
-                vertices=vertices[k].astype(np.float32),
-                mat=mats[k].astype(np.float32),
+                vertices=vertices[k],
+                mat=mats[k],
                 score=float(score),
                 codes={name: value[k] for name, value in codes_np.items()},
-                landmarks=points[k].astype(np.float32),
+                landmarks=points[k],
             ))
         return result
 

@@ -25,10 +25,11 @@ import torch
 import yaml
 
 from gmfx._errors import ModelError
-from gmfx.models._files import ModelFile, find_model_file, model_dir, read_model_file
+from gmfx.models._files import ModelFile, find_model_file, read_model_file
+from gmfx.models._files import model_dir as resolve_model_dir
 from gmfx.models._pickle import load_torch
 from gmfx.models._resnet import ResNetEncoder, load_strict
-from gmfx.models.deca import DECA_CODES, FLAME_FILE, FLAME_MASKS_FILE, LANDMARK_FILE, DecaBackend, split_deca_code
+from gmfx.models.deca import DECA_CODES, adopt_model_dir, FLAME_FILE, FLAME_MASKS_FILE, LANDMARK_FILE, DecaBackend, split_deca_code
 from gmfx.storage import Location
 
 __all__ = ["EmocaBackend", "EmocaV1Backend", "best_checkpoint", "emoca_files"]
@@ -85,7 +86,8 @@ class EmocaBackend(DecaBackend):
     def load(cls, device: str, **options: Any) -> EmocaBackend:
         folder = options.pop("checkpoint", None) or cls.default_folder
         checked = cls._check_options(**options)
-        root = model_dir(checked.pop("model_dir"))
+        root = resolve_model_dir(checked.pop("model_dir"))
+        adopt_model_dir(root)
         encoder, expression, config = cls._load_emoca(root, folder)
         return cls(encoder, expression, config, cls._flame_layer(root), device, **checked)
 

@@ -42,13 +42,15 @@ _FRAMES_RECIPE = "_gmfx_frames"
 
 
 def open_recon(url_or_location: str | os.PathLike | Location, storage_options: dict | None = None) -> xr.Dataset:
-    """Open a finished recon store lazily."""
+    """Open a finished recon store lazily (vertices of codes-only FLAME stores derived lazily from their codes)."""
+    from gmfx.models import with_vertices
+
     location = (
         url_or_location
         if isinstance(url_or_location, Location)
         else Location(os.fspath(url_or_location), storage_options or {})
     )
-    return open_dataset(location, stage="recon")
+    return with_vertices(open_dataset(location, stage="recon"))
 
 
 # -- shared helpers -------------------------------------------------------------------------------

@@ -269,7 +269,7 @@ def run_chain(
     """Run the chain on each recon store of ``sources`` and write each preproc store of ``targets``."""
     labels = list(labels or [t.url for t in targets])
     filter_options = _options(filter)
-    recons = [open_dataset(s, stage="recon") for s in sources]
+    recons = [ops.open_recon(s) for s in sources]  # codes-only stores get their vertices lazily
     opened = [chain(ds, align=_global_references(ds, align, client), interpolate=interpolate, filter=False) for ds in recons]
     if filter_options is None:
         plans = [

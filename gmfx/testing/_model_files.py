@@ -255,20 +255,21 @@ def _detail_decoder_state(rng: np.random.Generator) -> OrderedDict:
     )
 
 
-def write_deca_model(path: str | Path, *, seed: int = 0) -> Path:
+def write_deca_model(path: str | Path, *, detail: bool = True, seed: int = 0) -> Path:
     """Write DECA's ``deca_model.tar``: ``torch.save`` of ``{'E_flame', 'E_detail', 'D_detail'}``
-    state dicts plus the training snapshot's ``opt``/``global_step``/``batch_size`` (~200 MB)."""
+    state dicts plus the training snapshot's ``opt``/``global_step``/``batch_size`` (~200 MB;
+    ``detail=False`` leaves out the detail networks, which gmfx does not read: ~100 MB)."""
     import torch
 
     rng = np.random.default_rng(seed)
     content = {
         "E_flame": _encoder_state(236, rng, camera_slice=slice(206, 209)),
-        "E_detail": _encoder_state(128, rng),
-        "D_detail": _detail_decoder_state(rng),
         "opt": {"state": {}, "param_groups": []},
         "global_step": 0,
         "batch_size": 1,
     }
+    if detail:
+        content.update(E_detail=_encoder_state(128, rng), D_detail=_detail_decoder_state(rng))
     path = Path(path)
     torch.save(content, path)
     return path
@@ -278,7 +279,9 @@ class _FakeModelCheckpoint:
     """Stands for ``pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint`` while pickling."""
 
 
-def write_emoca_model(folder: str | Path, *, n_expression_outputs: int = 50, version: int = 2, seed: int = 0) -> Path:
+def write_emoca_model(
+    folder: str | Path, *, n_expression_outputs: int = 50, version: int = 2, detail: bool = True, seed: int = 0
+) -> Path:
     """Write an EMOCA model folder: ``cfg.yaml`` + ``detail/checkpoints/deca-epoch=NN-val_loss=X.ckpt``.
 
     The checkpoint is a PyTorch-Lightning 1.4 file (``epoch``, ``global_step``,
@@ -287,18 +290,20 @@ def write_emoca_model(folder: str | Path, *, n_expression_outputs: int = 50, ver
     ``emonet_loss.*`` key; ``callbacks`` keyed by the callback *class*). ``n_expression_outputs`` is
     50, 53 (+ jaw pose) or 56 (+ jaw and global pose), matching ``cfg.yaml``. Two checkpoints are
     written; the best (smallest ``val_loss``) holds the weights, the other an empty state dict.
+    ``detail=False`` leaves out the detail networks (which gmfx does not read) for a smaller file.
     """
     import torch
     import yaml
 
     rng = np.random.default_rng(seed)
     state = OrderedDict()
-    for prefix, module_state in (
+    modules = [
         ("deca.E_flame.", _encoder_state(236, rng, camera_slice=slice(206, 209))),
         ("deca.E_expression.", _encoder_state(n_expression_outputs, rng)),
-        ("deca.E_detail.", _encoder_state(128, rng)),
-        ("deca.D_detail.", _detail_decoder_state(rng)),
-    ):
+    ]
+    if detail:
+        modules += [("deca.E_detail.", _encoder_state(128, rng)), ("deca.D_detail.", _detail_decoder_state(rng))]
+    for prefix, module_state in modules:
         state.update((prefix + key, value) for key, value in module_state.items())
     state["deca.flame.v_template"] = torch.zeros(5023, 3)
     state["deca.flame.faces_tensor"] = torch.zeros(9976, 3, dtype=torch.long)
@@ -345,9 +350,13 @@ def write_emoca_model(folder: str | Path, *, n_expression_outputs: int = 50, ver
     return folder
 
 
-def write_model_dir(root: str | Path, *, grid: tuple[int, int] = (24, 25), n_eye: int = 12, seed: int = 0, deca: bool = True, emoca: bool = False) -> Path:
+def write_model_dir(
+    root: str | Path, *, grid: tuple[int, int] = (24, 25), n_eye: int = 12, seed: int = 0,
+    deca: bool = True, emoca: bool = False, detail: bool = True,
+) -> Path:  # fmt: skip
     """A model directory with FLAME (small ``grid`` by default), its landmark embedding and, on
-    request, DECA's and EMOCA's (v2) files, under the names ``gmfx models`` lists."""
+    request, DECA's and EMOCA's (v2) files (``detail``: with the detail networks), under the names
+    ``gmfx models`` lists."""
     root = Path(root)
     (root / "FLAME2020").mkdir(parents=True, exist_ok=True)
     write_flame_pkl(root / "FLAME2020" / "generic_model.pkl", grid=grid, n_eye=n_eye, n_faces=None, seed=seed)
@@ -355,7 +364,7 @@ def write_model_dir(root: str | Path, *, grid: tuple[int, int] = (24, 25), n_eye
     write_landmark_embedding(root / "FLAME2020" / "landmark_embedding.npy", n_faces, seed=seed)
     if deca:
         (root / "DECA").mkdir(exist_ok=True)
-        write_deca_model(root / "DECA" / "deca_model.tar", seed=seed)
+        write_deca_model(root / "DECA" / "deca_model.tar", detail=detail, seed=seed)
     if emoca:
-        write_emoca_model(root / "EMOCA" / "EMOCA_v2_lr_mse_20", seed=seed)
+        write_emoca_model(root / "EMOCA" / "EMOCA_v2_lr_mse_20", detail=detail, seed=seed)
     return root
