@@ -144,8 +144,15 @@ def default_rigid(model: FlameModel) -> np.ndarray:
 
 def flame_topology(root: Location | None = None) -> Topology:
     """The FLAME 2020 mesh of the model directory: template (m), triangles, rigid vertices
-    (``scalp``, ``forehead`` and ``nose`` of ``FLAME_masks.pkl`` when present, else :func:`default_rigid`)."""
+    (``scalp``, ``forehead`` and ``nose`` of ``FLAME_masks.pkl`` when present, else :func:`default_rigid`).
+    Read once per process and directory."""
     root = root or resolve_model_dir()
+    return _topology(root.url, tuple(sorted(root.storage_options.items())))
+
+
+@lru_cache(maxsize=4)
+def _topology(url: str, storage_options: tuple) -> Topology:
+    root = Location(url, dict(storage_options))
     model = load_flame_model(root)
     rigid = _rigid_from_masks(root, model.n_vertices)
     return Topology(
@@ -257,11 +264,18 @@ class DecaBackend(Backend):
     def __init__(self, encoder: torch.nn.Module, flame: FlameLayer, device: str, *, detector: str = "mediapipe",
                  precision: Precision = "float32", min_detection_confidence: float = 0.5) -> None:
         self.device = torch.device(device)
-        self.encoder = encoder.to(self.device).eval()
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed 224 x 224 crops: the autotuned kernels are reused
+        self.encoder = self._on_device(encoder)
         self.flame = flame.to(self.device)
         self.precision = precision
         self.detector = make_detector(detector, device, min_detection_confidence)  # type: ignore[arg-type]
         self._lock = threading.Lock()
+
+    def _on_device(self, module: torch.nn.Module) -> torch.nn.Module:
+        """``module`` in eval mode on the device (channels-last on CUDA, the tensor-core layout)."""
+        module = module.to(self.device).eval()
+        return module.to(memory_format=torch.channels_last) if self.device.type == "cuda" else module
 
     @classmethod
     def topology(cls) -> Topology:
@@ -330,6 +344,8 @@ class DecaBackend(Backend):
         return split_deca_code(self._run_encoder(self.encoder, crops))
 
     def _run_encoder(self, encoder: torch.nn.Module, crops: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            crops = crops.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             if self.precision == "float32":
                 return encoder(crops).float()

@@ -73,7 +73,7 @@ class EmocaBackend(DecaBackend):
 
     def __init__(self, encoder: torch.nn.Module, expression: torch.nn.Module, config: Mapping[str, bool], flame, device: str, **options: Any) -> None:
         super().__init__(encoder, flame, device, **options)
-        self.expression_encoder = expression.to(self.device).eval()
+        self.expression_encoder = self._on_device(expression)
         self.jaw_from_expression = bool(config["jaw"])
         self.global_from_expression = bool(config["global"])
 
