@@ -2,7 +2,6 @@
 DECA's projection by hand (SciPy/skimage as oracles), and the recon stage end to end on a real clip."""
 
 import io
-import os
 
 import av
 import numpy as np
