@@ -24,7 +24,8 @@ from gmfx.models._crops import (
 )
 from gmfx.models._flame import FlameLayer, contour_rows, read_flame, read_landmark_embedding, write_flame_npz
 from gmfx.models._pickle import load_pickle, load_torch
-from gmfx.testing._model_files import write_flame_pkl, write_landmark_embedding
+from gmfx.storage import Location
+from gmfx.testing._model_files import write_flame_masks, write_flame_pkl, write_landmark_embedding
 
 GRID = (16, 17)
 N_FACES = 2 * 15 * 16
@@ -269,3 +270,39 @@ def test_orthographic_camera_is_decas_projection():
     np.testing.assert_allclose(lifted[:, :2], by_hand)
     np.testing.assert_allclose(lifted[:, 2], -s * points[:, 2] * 112)
     assert np.linalg.det(matrix[:3, :3]) > 0  # a proper similarity: the mesh is not mirrored
+
+
+# -- model directory and rigid vertices -------------------------------------------------------------
+def test_rigid_vertices_come_from_the_masks_or_avoid_jaw_eyes_and_expression(flame_files, model, tmp_path):
+    from gmfx.models._pickle import load_pickle as read
+    from gmfx.models.deca import flame_topology
+
+    (tmp_path / "FLAME2020").mkdir()
+    (tmp_path / "FLAME2020" / "generic_model.pkl").write_bytes(flame_files[0].read_bytes())
+    default = flame_topology(Location(str(tmp_path))).rigid
+    assert not default[model.weights[:, 2:].sum(axis=1) > 0].any()  # nothing skinned to jaw or eyes
+    motion = np.linalg.norm(model.shapedirs[:, :, 300:], axis=(1, 2))
+    assert motion[default].max() <= np.median(motion[model.weights[:, 2:].sum(axis=1) == 0]) + 1e-9
+    (tmp_path / "with_masks" / "FLAME2020").mkdir(parents=True)
+    (tmp_path / "with_masks" / "FLAME2020" / "generic_model.pkl").write_bytes(flame_files[0].read_bytes())
+    masks_path = write_flame_masks(tmp_path / "with_masks" / "FLAME2020" / "FLAME_masks.pkl", model.n_vertices)
+    masks = read(masks_path.read_bytes(), where="masks")
+    expected = np.zeros(model.n_vertices, bool)
+    expected[np.concatenate([masks["scalp"], masks["forehead"], masks["nose"]])] = True
+    with_masks = flame_topology(Location(str(tmp_path / "with_masks"))).rigid
+    np.testing.assert_array_equal(with_masks, expected)
+
+
+def test_a_model_directory_on_s3_is_read_through_fsspec(flame_files, s3_root):
+    from gmfx.models._files import find_model_file
+    from gmfx.models.deca import FLAME_FILE, flame_topology
+    from gmfx.models.emoca import emoca_files
+
+    fs, base = s3_root.filesystem()
+    fs.pipe(f"{base}/models/FLAME2020/generic_model.pkl", flame_files[0].read_bytes())
+    fs.pipe(f"{base}/models/EMOCA/EMOCA/detail/checkpoints/deca-epoch=01-val_loss=0.5.ckpt", b"x")
+    root = s3_root.child("models")
+    assert find_model_file(root, FLAME_FILE).url == root.child("FLAME2020", "generic_model.pkl").url
+    found = find_model_file(root, emoca_files("EMOCA")[1])
+    assert found.url.startswith("s3://") and found.url.endswith("val_loss=0.5.ckpt") and found.exists()
+    assert flame_topology(root).n_vertices == GRID[0] * GRID[1] + 10

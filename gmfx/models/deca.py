@@ -22,6 +22,7 @@ are not used by the coarse reconstruction.
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 from collections.abc import Mapping
@@ -100,16 +101,20 @@ def split_deca_code(code: torch.Tensor) -> dict[str, torch.Tensor]:
     return parts
 
 
+def _options_key(root: Location) -> str:
+    return json.dumps(root.storage_options, sort_keys=True, default=str)
+
+
 @lru_cache(maxsize=4)
-def _flame_files(url: str, storage_options: tuple) -> tuple[FlameModel, str]:
-    root = Location(url, dict(storage_options))
+def _flame_files(url: str, storage_options: str) -> tuple[FlameModel, str]:
+    root = Location(url, json.loads(storage_options))
     data, where = read_model_file(root, FLAME_FILE)
     return read_flame(data, where=where), where
 
 
 def load_flame_model(root: Location) -> FlameModel:
     """The FLAME model of the model directory ``root`` (read once per process)."""
-    return _flame_files(root.url, tuple(sorted(root.storage_options.items())))[0]
+    return _flame_files(root.url, _options_key(root))[0]
 
 
 def _rigid_from_masks(root: Location, n_vertices: int) -> np.ndarray | None:
@@ -147,12 +152,12 @@ def flame_topology(root: Location | None = None) -> Topology:
     (``scalp``, ``forehead`` and ``nose`` of ``FLAME_masks.pkl`` when present, else :func:`default_rigid`).
     Read once per process and directory."""
     root = root or resolve_model_dir()
-    return _topology(root.url, tuple(sorted(root.storage_options.items())))
+    return _topology(root.url, _options_key(root))
 
 
 @lru_cache(maxsize=4)
-def _topology(url: str, storage_options: tuple) -> Topology:
-    root = Location(url, dict(storage_options))
+def _topology(url: str, storage_options: str) -> Topology:
+    root = Location(url, json.loads(storage_options))
     model = load_flame_model(root)
     rigid = _rigid_from_masks(root, model.n_vertices)
     return Topology(

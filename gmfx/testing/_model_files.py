@@ -27,6 +27,7 @@ __all__ = [
     "flame_mesh",
     "write_deca_model",
     "write_emoca_model",
+    "write_flame_masks",
     "write_flame_pkl",
     "write_landmark_embedding",
     "write_model_dir",
@@ -155,6 +156,22 @@ def write_flame_pkl(
             else:
                 sys.modules[name] = value
     data = data.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n").replace(b"scipy.sparse._csc\n", b"scipy.sparse.csc\n")
+    path = Path(path)
+    path.write_bytes(data)
+    return path
+
+
+FLAME_MASK_NAMES = (
+    "eye_region", "neck", "left_eyeball", "right_eyeball", "right_ear", "right_eye_region", "forehead",
+    "lips", "nose", "scalp", "boundary", "face", "left_ear", "left_eye_region",
+)  # fmt: skip
+
+
+def write_flame_masks(path: str | Path, n_vertices: int, *, seed: int = 0) -> Path:
+    """Write ``FLAME_masks.pkl``: a protocol-2 pickle of a dict, region name -> vertex indices (int64)."""
+    rng = np.random.default_rng(seed)
+    masks = {name: np.sort(rng.choice(n_vertices, size=max(1, n_vertices // 20), replace=False)).astype(np.int64) for name in FLAME_MASK_NAMES}
+    data = pickle.dumps(masks, protocol=2).replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n")
     path = Path(path)
     path.write_bytes(data)
     return path
