@@ -28,8 +28,8 @@ from gmfx.storage import Location, open_dataset
 from gmfx.testing._model_files import write_emoca_model, write_model_dir
 from gmfx.testing._videos import write_bids_recording
 
-N_FRAMES = 8
-SEGMENT = 4
+N_FRAMES = 4
+SEGMENT = 2
 
 
 @pytest.fixture(scope="module")
