@@ -8,7 +8,7 @@ for each batch size:
 * plain loop: one process reads the frames store chunk by chunk, finds the face (MediaPipe), crops
   it (DECA's rule), runs DECA's encoder and FLAME on the device, and moves codes and vertices to
   host memory (no tracking, no writes);
-* gmfx: ``recon(model="deca")`` on a local cluster of one worker (one per GPU with ``--device
+* gmfx: ``run_recon(model="deca")`` on a local cluster of one worker (one per GPU with ``--device
   cuda``), codes-only store (``--save-vertices`` stores vertices too); the cluster start-up and the
   model load are not timed, as in the plain loop.
 
@@ -31,8 +31,8 @@ import time
 import numpy as np
 
 from gmfx.dataset import find_recordings
-from gmfx.stages.decode import decode
-from gmfx.stages.recon import recon
+from gmfx.stages.decode import run_decode
+from gmfx.stages.recon import run_recon
 from gmfx.storage import Location, store_location
 from gmfx.testing._model_files import write_model_dir
 from gmfx.testing._videos import write_bids_recording, write_video
@@ -109,7 +109,7 @@ def gmfx_recon(recordings, out: Location, model_dir: str, device: str, batch: in
         if device.startswith("cuda"):
             sampler.start()
         start = time.perf_counter()
-        recon(recordings, out, client=client, model="deca", device=device, batch_size=batch, model_options=options,
+        run_recon(recordings, out, client=client, model="deca", device=device, batch_size=batch, model_options=options,
               save_vertices=save_vertices, overwrite=True, progress=False)  # fmt: skip
         seconds = time.perf_counter() - start
         stop.set()
@@ -136,7 +136,7 @@ def main() -> None:
         from distributed import Client, LocalCluster
 
         with LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=None) as cluster, Client(cluster) as client:
-            decode(recordings, out, client=client, progress=False)
+            run_decode(recordings, out, client=client, progress=False)
         frames_store = store_location(out, recordings[0], "decode")
         n = args.frames
         print(f"DECA coarse, {n} frames 640x360, device {args.device}, precision {args.precision}, FLAME from {model_dir}")

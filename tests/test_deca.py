@@ -22,8 +22,8 @@ from gmfx.models._pickle import load_torch
 from gmfx.models._resnet import ResNetEncoder, load_strict
 from gmfx.models.deca import FLAME_FILE, DecaBackend, flame_vertices
 from gmfx.models.emoca import EmocaBackend, best_checkpoint
-from gmfx.stages.decode import decode
-from gmfx.stages.recon import recon
+from gmfx.stages.decode import run_decode
+from gmfx.stages.recon import run_recon
 from gmfx.storage import Location, open_dataset
 from gmfx.testing._model_files import write_emoca_model, write_model_dir
 from gmfx.testing._videos import write_bids_recording
@@ -208,10 +208,10 @@ def test_deca_recon_end_to_end_on_s3_lazy_vertices_and_resume(dask_client, model
     recordings = find_recordings(str(tmp_path / "bids"))
     options = {"model_dir": str(model_root)}  # the workers have no GMFX_MODEL_DIR of their own
     out = s3_root.child("derivatives")
-    decode(recordings, out, client=dask_client, chunk_frames=SEGMENT, segment_frames=SEGMENT, progress=False)
+    run_decode(recordings, out, client=dask_client, chunk_frames=SEGMENT, segment_frames=SEGMENT, progress=False)
 
     def run():
-        return recon(recordings, out, client=dask_client, model="deca", device="cpu", segment_frames=SEGMENT,
+        return run_recon(recordings, out, client=dask_client, model="deca", device="cpu", segment_frames=SEGMENT,
                      model_options=options, save_vertices=True, progress=False)  # fmt: skip
 
     [location] = run()

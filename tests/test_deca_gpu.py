@@ -11,7 +11,7 @@ from gmfx.cluster import connect, local_gpu_count
 from gmfx.dataset import find_recordings
 from gmfx.models._files import MODEL_DIR_ENV
 from gmfx.models.deca import DecaBackend
-from gmfx.stages.recon import recon
+from gmfx.stages.recon import run_recon
 from gmfx.storage import Location, open_dataset
 from gmfx.testing._model_files import write_model_dir
 from gmfx.testing._videos import write_bids_recording
@@ -60,7 +60,7 @@ def test_recon_on_gpu_workers_never_initialises_cuda_in_the_client(model_root, t
     write_bids_recording(str(tmp_path / "bids"), subject="01", task="faces", video=str(data_dir / "single_face.mp4"))
     recordings = find_recordings(str(tmp_path / "bids"))
     with connect(gpus=local_gpu_count()) as client:
-        [location] = recon(recordings, Location(str(tmp_path / "out")), client=client, model="deca", device="cuda",
+        [location] = run_recon(recordings, Location(str(tmp_path / "out")), client=client, model="deca", device="cuda",
                            batch_size=64, model_options={"model_dir": str(model_root), "precision": "float16"},
                            progress=False)  # fmt: skip
     ds = open_dataset(location, stage="recon")
