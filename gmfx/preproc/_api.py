@@ -33,7 +33,7 @@ DEFAULT_MAX_GAP = 0.5
 _FILTER_BLOCK_BYTES = 64 * 2**20
 
 #: attributes that describe the state of the store a dataset was read from, not its content
-_STORE_STATE = ("gmfx_stage", "gmfx_plan", "gmfx_regions", "gmfx_complete")
+_STORE_STATE = ("gmfx_stage", "gmfx_plan", "gmfx_regions", "gmfx_complete", "gmfx_completion")
 
 _REFERENCES = ("template", "first", "mean", "mat")
 

@@ -49,6 +49,7 @@ from gmfx.storage import (
     store_location,
     write_dataset_description,
 )
+from gmfx.storage._fingerprint import relative_name
 from gmfx.storage._retry import retry_transient
 from gmfx.types import Region, Stage, Task, split_regions
 
@@ -127,11 +128,14 @@ def plan_decode(
         "chunk_frames": chunk,
     }
     plan = {
-        "source": recording.video.url,
-        "source_bytes": index.size,
-        "source_pts": _digest(index.pts.tobytes()),
-        "frame_times_source": attrs["frame_times_source"],
-        "frame_times": _digest(times.tobytes()),
+        # what was decoded, by content and by path below the dataset root (a moved dataset keeps its plan)
+        "inputs": {
+            "video": relative_name(recording.video, recording.root),
+            "video_bytes": index.size,
+            "video_pts": _digest(index.pts.tobytes()),
+            "frame_times": "container" if recording.frametimes is None else relative_name(recording.frametimes, recording.root),
+            "frame_times_digest": _digest(times.tobytes()),
+        },
         "chunk_frames": chunk,
         "segment_frames": chunks_per_segment * chunk,
         "max_size": max_size,

@@ -30,6 +30,7 @@ from gmfx.dataset import Recording
 from gmfx.models import Backend, Face, get_backend, load_backend
 from gmfx.models._tracking import stitch_segments, track_faces
 from gmfx.storage import Location, RegionStore, open_dataset, plan_token, store_location
+from gmfx.storage._fingerprint import require_chunks, store_fingerprint
 from gmfx.types import Region, Stage, Task, split_regions
 
 __all__ = ["STAGE", "LowDetectionWarning", "pack_faces", "plan_recon", "recon", "resolve_device", "segment_ends"]
@@ -113,8 +114,7 @@ def plan_recon(
     plan = {
         "regions": len(regions),
         "region_frames": region_frames,
-        "frames_store": frames_location.url,
-        "frames_plan": frames.attrs.get("gmfx_plan"),
+        "inputs": {"frames": store_fingerprint(frames_location, "decode")},
         "model": backend.name,
         "model_version": backend.version,
         "model_options": options,
@@ -195,7 +195,7 @@ def recon(
     ]
     run_tasks(client, [task for plan in plans for task in plan.tasks], description="recon", progress=progress)
     for plan in plans:
-        if max_faces > 1:
+        if max_faces > 1 and not plan.store.is_complete():
             stitch_store(plan.store, max_faces)
         plan.store.finalize(plan.attrs)
         _warn_if_few_faces(plan.store)
@@ -442,6 +442,7 @@ def _open_frames(location: Location) -> xr.Dataset:
             where=location.url,
             fix="rewrite it with this gmfx: gmfx decode --overwrite",
         )
+    require_chunks(location, "decode")  # a missing chunk would read as black frames
     return frames
 
 
