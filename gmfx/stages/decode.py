@@ -37,6 +37,7 @@ from zarr.codecs import ZstdCodec
 
 from gmfx._errors import ParameterError
 from gmfx._execute import StorePlan, execute_plans
+from gmfx._validate import check_frame_times
 from gmfx._version import __version__
 from gmfx._video import VideoIndex, index_video, iter_segment, output_size, read_frame_times
 from gmfx.dataset import Recording
@@ -110,6 +111,8 @@ def plan_decode(
         if recording.frametimes is None
         else read_frame_times(recording.frametimes, recording.video, index.n_frames)
     )
+    if recording.frametimes is not None:
+        check_frame_times(times, index.times, frametimes=recording.frametimes.url, video=recording.video.url)
     width, height = output_size(index.width, index.height, max_size)
     chunk = chunk_frames or default_chunk_frames(width, height)
     chunks_per_segment = max(1, -(-(segment_frames or SEGMENT_FRAMES) // chunk))

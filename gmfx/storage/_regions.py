@@ -104,8 +104,8 @@ class RegionStore:
 
         ``plan`` describes everything that determines the store's bytes (inputs, parameters, region
         boundaries). A store written with another plan is an error unless ``overwrite`` is true; one whose
-        plan differs only in ``plan["inputs"]`` (fingerprints of what the stage reads) is stale and is
-        rewritten with a warning, so a changed input is never reused. With ``overwrite`` the existing store
+        ``plan["inputs"]`` (fingerprints of what the stage reads) differ is stale and is rewritten with a
+        warning, so a changed input is never reused. With ``overwrite`` the existing store
         is not read at all (a damaged one is replaced too).
         """
         plan_json = _plan_json(plan)
@@ -113,7 +113,7 @@ class RegionStore:
         if attrs is not None:
             if attrs.get("gmfx_plan") == plan_json:
                 return set(range(attrs["gmfx_regions"])) if attrs.get("gmfx_complete") else self.done_regions()
-            if _same_but_inputs(attrs.get("gmfx_plan"), plan):
+            if _inputs_changed(attrs.get("gmfx_plan"), plan):
                 log.warning("the inputs of the %s store %s changed since it was written: recomputing it", self.stage, self.location.url)
                 attrs = None
         if attrs is not None:
@@ -229,16 +229,18 @@ class RegionStore:
         )
 
 
-def _same_but_inputs(stored_json: Any, plan: Mapping[str, Any]) -> bool:
-    """True when the stored plan equals ``plan`` except for its ``inputs`` (and both have some)."""
+def _inputs_changed(stored_json: Any, plan: Mapping[str, Any]) -> bool:
+    """True when the stored plan and ``plan`` both fingerprint their ``inputs`` and these differ.
+
+    Such a store is stale whatever its parameters (they may follow from the inputs, e.g. the rigid
+    vertices an alignment found), so nothing valid is lost by rewriting it."""
     try:
         stored = json.loads(stored_json)
     except (TypeError, ValueError):
         return False
     if not isinstance(stored, dict) or "inputs" not in stored or "inputs" not in plan:
         return False
-    ours = json.loads(_plan_json(plan))
-    return {k: v for k, v in stored.items() if k != "inputs"} == {k: v for k, v in ours.items() if k != "inputs"}
+    return stored["inputs"] != json.loads(_plan_json(plan))["inputs"]
 
 
 def open_dataset(location: Location, *, stage: str, require_complete: bool = True) -> xr.Dataset:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -20,7 +19,9 @@ _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirecto
 
 def storage_retries() -> int:
     """How many times a storage operation is retried (``GMFX_STORAGE_RETRIES``, default 5)."""
-    return int(os.environ.get("GMFX_STORAGE_RETRIES", "5"))
+    from gmfx._validate import check_storage_retries
+
+    return check_storage_retries()
 
 
 def is_transient(error: BaseException) -> bool:
