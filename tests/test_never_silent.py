@@ -29,8 +29,8 @@ def _dataset(root: Location, *, n_frames: int = 12, frametimes=None, events=EVEN
     return recording
 
 
-def _completion(location: Location) -> str:
-    return RegionStore(location, "any").attrs()["gmfx_completion"]
+def _completion(location: Location) -> str | None:
+    return RegionStore(location, "any").attrs().get("gmfx_completion")
 
 
 # -- 1. stale downstream outputs -------------------------------------------------------------------
