@@ -159,3 +159,111 @@ def test_a_rerun_leaves_a_finished_store_untouched(tmp_path):
     before = {p: p.stat().st_mtime_ns for p in store.rglob("*")}
     decode([recording], out, client=None, chunk_frames=4, progress=False)  # nothing to do: nothing written
     assert {p: p.stat().st_mtime_ns for p in store.rglob("*")} == before
+
+
+def test_a_truncated_frames_chunk_names_the_store_and_the_chunk(tmp_path):
+    from gmfx.stages.recon import recon
+    from gmfx.testing import BrightSquareBackend
+
+    recording = _dataset(Location(str(tmp_path / "bids")))
+    out = Location(str(tmp_path / "out"))
+    (frames,) = decode([recording], out, client=None, chunk_frames=4, progress=False)
+    chunk = tmp_path / "out" / "sub-01" / "sub-01_task-x_frames.zarr" / "frames" / "c" / "1" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:10])
+    with pytest.raises(StorageError, match="frames 4-7 of the decode store cannot be read") as info:
+        recon([recording], out, client=None, model=BrightSquareBackend, device="cpu", segment_frames=4, progress=False)
+    assert frames.url in str(info.value) and "frames/c/1/0/0/0" in str(info.value)
+    assert not RegionStore(store_location(out, recording, "recon"), "recon").is_complete()
+
+
+# -- 8. S3 faults -------------------------------------------------------------------------------------
+def test_dropped_s3_connections_are_transient_and_retried(monkeypatch):
+    from botocore.exceptions import ConnectionClosedError, EndpointConnectionError
+
+    from gmfx.storage._retry import is_transient, retry_transient
+
+    monkeypatch.setenv("GMFX_STORAGE_RETRIES", "3")
+    failures = [EndpointConnectionError(endpoint_url="http://127.0.0.1:9"), ConnectionClosedError(endpoint_url="x")]
+    assert all(is_transient(error) for error in failures)
+
+    def flaky() -> str:
+        if failures:
+            raise failures.pop()
+        return "written"
+
+    assert retry_transient(flaky, what="writing", where="s3://b/x.zarr", backoff=0.01) == "written"
+
+
+def test_an_unreachable_s3_dataset_is_one_clear_error():
+    from gmfx import DatasetError
+
+    options = {"key": "a", "secret": "b", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+               "config_kwargs": {"retries": {"max_attempts": 1}}}  # fmt: skip
+    with pytest.raises(DatasetError, match="cannot be listed .*EndpointConnectionError") as info:
+        find_recordings(Location("s3://bucket/study", options))
+    assert "s3://bucket/study" in str(info.value)
+
+
+# -- 7. teardown and start-up of the local cluster ---------------------------------------------------
+def test_a_failing_cluster_shutdown_is_logged_not_raised(monkeypatch, caplog):
+    from distributed import LocalCluster
+
+    from gmfx.cluster import connect
+
+    original = LocalCluster.close
+
+    def close_then_time_out(self, timeout=None):
+        original(self, timeout=timeout)
+        raise TimeoutError("the workers did not stop in time")
+
+    monkeypatch.setattr(LocalCluster, "close", close_then_time_out)
+    with connect(workers=1) as client:
+        assert client.submit(sum, [1, 2]).result() == 3
+    assert "closing the local cluster failed (TimeoutError" in caplog.text
+
+
+def test_a_cluster_that_does_not_start_fails_with_a_clear_message():
+    import time
+
+    from gmfx import ClusterError
+    from gmfx.cluster import _start
+
+    with pytest.raises(ClusterError, match="did not start within 0.2 s"):
+        _start(lambda: time.sleep(2), 3, timeout=0.2)
+
+
+# -- 10. a deterministic task error runs once -----------------------------------------------------------
+def _count_and_fail(counter: str) -> None:
+    with open(counter, "a") as handle:
+        handle.write("x")
+    raise StorageError("deliberate", where="here", fix="none")
+
+
+def test_a_gmfx_error_in_a_task_is_not_retried(tmp_path, dask_client):
+    from gmfx._execute import run_tasks
+    from gmfx.types import Task
+
+    counter = tmp_path / "calls"
+    task = Task(key=f"fail-once-{tmp_path.name}", function=_count_and_fail, args=(str(counter),))
+    with pytest.raises(StorageError, match="deliberate"):
+        run_tasks(dask_client, [task], description="test", retries=2, progress=False)
+    assert counter.read_text() == "x"
+
+
+# -- 6. option values -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("value", ["-1", "abc"])
+def test_bad_storage_retries_are_a_parameter_error(monkeypatch, value):
+    from gmfx import ParameterError
+    from gmfx.storage._retry import storage_retries
+
+    monkeypatch.setenv("GMFX_STORAGE_RETRIES", value)
+    with pytest.raises(ParameterError, match="GMFX_STORAGE_RETRIES"):
+        storage_retries()
+
+
+# -- smaller ones ---------------------------------------------------------------------------------------
+def test_a_dataset_folder_with_glob_characters_is_found(tmp_path):
+    root = Location(str(tmp_path / "study[1]*"))
+    write_bids_recording(root, subject="01", task="x", video=dict(n_frames=4))
+    (recording,) = find_recordings(root)
+    assert recording.video.url.startswith(root.url)

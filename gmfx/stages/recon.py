@@ -31,6 +31,7 @@ from gmfx.models import Backend, Face, get_backend, load_backend
 from gmfx.models._tracking import stitch_segments, track_faces
 from gmfx.storage import Location, RegionStore, open_dataset, plan_token, store_location
 from gmfx.storage._fingerprint import require_chunks, store_fingerprint
+from gmfx.storage._retry import is_transient
 from gmfx.types import Region, Stage, Task, split_regions
 
 __all__ = ["STAGE", "LowDetectionWarning", "pack_faces", "plan_recon", "recon", "resolve_device", "segment_ends"]
@@ -257,7 +258,7 @@ def reconstruct_region(
         sys.modules["torch"].set_num_threads(1)  # one core per worker process on CPU
     model.reset()
     faces: list[list[Face]] = []
-    for start, batch in _read_ahead(_frames_array(frames_location), region, batch_size):
+    for start, batch in _read_ahead(_frames_array(frames_location), region, batch_size, where=frames_location.url):
         found = model.reconstruct(batch, max_faces=max_faces)
         if len(found) != len(batch):
             raise ModelError(
@@ -271,13 +272,26 @@ def reconstruct_region(
     return int(arrays["detected"].any(axis=1).sum())
 
 
-def _read_ahead(frames: zarr.Array, region: Region, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+def _read_ahead(frames: zarr.Array, region: Region, batch_size: int, *, where: str) -> Iterator[tuple[int, np.ndarray]]:
     """``(start, frames)`` batches of ``region``; the next batch is read (and decompressed) in a
-    background thread while the caller works on the current one."""
+    background thread while the caller works on the current one. A chunk that cannot be decoded (a
+    truncated file) raises a :class:`StorageError` naming the store and the chunks."""
     starts = list(range(region.start, region.stop, batch_size))
 
     def read(start: int) -> np.ndarray:
-        return frames[start : min(start + batch_size, region.stop)]
+        stop = min(start + batch_size, region.stop)
+        try:
+            return frames[start:stop]
+        except Exception as error:  # noqa: BLE001
+            if is_transient(error):
+                raise  # the task is retried
+            step = frames.chunks[0]
+            chunks = ", ".join(f"frames/{frames.metadata.encode_chunk_key((i, 0, 0, 0))}" for i in range(start // step, -(-stop // step)))
+            raise StorageError(
+                f"frames {start}-{stop - 1} of the decode store cannot be read ({type(error).__name__}: {error})",
+                where=f"{where} (chunks {chunks})",
+                fix="the store is damaged: rewrite it with gmfx decode --overwrite, or copy it again",
+            ) from error
 
     with ThreadPoolExecutor(max_workers=1) as reader:
         pending = reader.submit(read, starts[0]) if starts else None

@@ -90,10 +90,24 @@ class RegionStore:
     def done_regions(self) -> set[int]:
         """Indices of the regions that have a completion marker."""
         fs, path = self.location.filesystem()
+
+        def listing() -> list[str]:
+            try:
+                return fs.ls(posixpath.join(path, _MARKERS), detail=False)
+            except FileNotFoundError:
+                return []
+
         try:
-            names = fs.ls(posixpath.join(path, _MARKERS), detail=False)
-        except FileNotFoundError:
-            return set()
+            names = retry_transient(
+                listing,
+                what=f"listing the finished regions of the {self.stage} store",
+                where=self.location.url,
+                redactor=lambda text: redact(text, self.location.storage_options),
+            )
+        except StorageError:
+            raise
+        except Exception as error:  # noqa: BLE001 - e.g. access denied: one clear message
+            raise self._error("cannot be listed", error) from error
         return {int(posixpath.basename(n.rstrip("/"))) for n in names if posixpath.basename(n).isdigit()}
 
     # -- writing -----------------------------------------------------------------------------------

@@ -24,10 +24,22 @@ def storage_retries() -> int:
     return check_storage_retries()
 
 
+#: errors of botocore/aiohttp (not ``OSError`` subclasses) that mean a dropped or refused connection;
+#: matched by class name so that gmfx does not import either library
+_TRANSIENT_NAMES = frozenset({
+    "EndpointConnectionError", "ConnectionClosedError", "ConnectTimeoutError", "ReadTimeoutError",
+    "ProxyConnectionError", "HTTPClientError", "ClientConnectionError", "ServerDisconnectedError",
+    "ClientPayloadError", "ResponseStreamingError",
+})  # fmt: skip
+
+
 def is_transient(error: BaseException) -> bool:
-    """True for errors worth retrying: connection, timeout and other I/O errors that are not final."""
+    """True for errors worth retrying: connection, timeout and other I/O errors that are not final,
+    including botocore's and aiohttp's connection errors (a dropped S3 connection)."""
     if isinstance(error, _PERMANENT):
         return False
+    if any(cls.__name__ in _TRANSIENT_NAMES for cls in type(error).__mro__):
+        return True
     return isinstance(error, (OSError, TimeoutError, ConnectionError))
 
 
