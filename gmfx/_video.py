@@ -343,7 +343,7 @@ def decode_segment(
     return frames, index.times[start:stop]
 
 
-def read_frame_times(frametimes: Location, video: Location, n_frames: int) -> np.ndarray:
+def read_frame_times(frametimes: Location, video: Location, n_frames: int | None) -> np.ndarray:
     """Read column ``t`` of a ``_frametimes.tsv`` and check it against the video's ``n_frames``.
 
     Raises
@@ -375,7 +375,7 @@ def read_frame_times(frametimes: Location, video: Location, n_frames: int) -> np
             where=frametimes.url,
             fix="give a time in seconds for every frame (no empty cells, n/a or NaN)",
         )
-    if len(times) != n_frames:
+    if n_frames is not None and len(times) != n_frames:  # None: checked later, against the decoded video
         raise FrameTimesError(
             f"the frame times file has {len(times)} rows but the video has {n_frames} decodable frames",
             where=f"{frametimes.url} and {video.url}",

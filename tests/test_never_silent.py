@@ -267,3 +267,66 @@ def test_a_dataset_folder_with_glob_characters_is_found(tmp_path):
     write_bids_recording(root, subject="01", task="x", video=dict(n_frames=4))
     (recording,) = find_recordings(root)
     assert recording.video.url.startswith(root.url)
+
+
+# -- 5. one recording must not sink a dataset ----------------------------------------------------------
+def _bright_frames(n: int, bright: range) -> list[np.ndarray]:
+    dark = np.full((64, 64, 3), 10, np.uint8)
+    return [np.full((64, 64, 3), 200, np.uint8) if i in bright else dark for i in range(n)]
+
+
+def test_a_short_face_and_a_broken_video_do_not_sink_the_other_recordings(tmp_path):
+    from gmfx._validate import ShortStretchWarning
+    from gmfx.pipeline import run_pipeline
+    from gmfx.testing import BrightSquareBackend
+
+    root = Location(str(tmp_path / "bids"))
+    write_bids_recording(root, subject="01", task="x", video=dict(frames=_bright_frames(100, range(10, 20))))
+    write_bids_recording(root, subject="02", task="x", video=dict(frames=_bright_frames(100, range(100))))
+    write_bids_recording(root, subject="03", task="x", video=b"not a video at all")
+    recordings = find_recordings(root)
+    out = Location(str(tmp_path / "out"))
+    with pytest.warns(ShortStretchWarning, match=r"recording sub-01_task-x: 1 stretches .* left NaN: 0\.40-0\.7\d s"):
+        summaries, _ = run_pipeline(
+            recordings, out, client=None, progress=False,
+            recon_options={"model": BrightSquareBackend, "device": "cpu"},
+            preproc_options={"filter": {"highpass": 0.005, "lowpass": 4.0}},
+        )  # fmt: skip
+    by_name = {summary.recording: summary for summary in summaries}
+    assert by_name["sub-03_task-x"].failed_stage == "decode" and "video" in by_name["sub-03_task-x"].error
+    assert by_name["sub-01_task-x"].failed_stage is None and by_name["sub-02_task-x"].failed_stage is None
+    short = open_dataset(store_location(out, recordings[0], "preproc"), stage="preproc")["v"].values
+    full = open_dataset(store_location(out, recordings[1], "preproc"), stage="preproc")["v"].values
+    assert np.isnan(short).all() and np.isfinite(full).mean() > 0.9  # the grid's last samples lie past the last frame
+
+
+# -- 6. validation before work -----------------------------------------------------------------------
+def test_options_and_events_are_checked_before_decode_starts(tmp_path):
+    from gmfx import EventsError, ParameterError
+    from gmfx._validate import check_pipeline
+
+    events = pd.DataFrame({"onset": [1.0, 2.0], "duration": [0.5, 0.0], "trial_type": ["a", "b"]})
+    recording = _dataset(Location(str(tmp_path / "bids")), frametimes=np.arange(12) / 25, events=events)
+    ok = {"filter": {"highpass": 0.005, "lowpass": 4.0}}
+    with pytest.raises(ParameterError, match=r"recording sub-01_task-x: the lowpass cut-off 20 Hz .* Nyquist frequency 12.5 Hz"):
+        check_pipeline([recording], preproc_options={"filter": {"highpass": None, "lowpass": 20.0}}, epoch_options={})
+    with pytest.raises(ParameterError, match="--sampling-freq"):
+        check_pipeline([recording], preproc_options={"interpolate": {"sampling_freq": 0}}, epoch_options={})
+    with pytest.raises(ParameterError, match="epoch end"):
+        check_pipeline([recording], preproc_options=ok, epoch_options={"start": 1.0, "end": 0.5})
+    with pytest.raises(EventsError, match="row 2 has 0 s") as info:
+        check_pipeline([recording], preproc_options=ok, epoch_options={"anchor": "warp"})
+    assert recording.events.url in str(info.value)
+    check_pipeline([recording], preproc_options=ok, epoch_options={"anchor": "onset"})
+    assert not (tmp_path / "bids" / "derivatives").exists()
+
+
+def test_cli_sampling_freq_zero_is_refused_before_any_work(tmp_path):
+    from typer.testing import CliRunner
+
+    from gmfx.cli import app
+
+    _dataset(Location(str(tmp_path / "bids")))
+    result = CliRunner().invoke(app, ["run", str(tmp_path / "bids"), "--sampling-freq", "0", "--no-progress"])
+    assert result.exit_code == 1 and "--sampling-freq" in result.output
+    assert not (tmp_path / "bids" / "derivatives").exists()

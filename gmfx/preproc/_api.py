@@ -468,7 +468,7 @@ def filter(  # noqa: A001 - the public name mirrors the operation
     sos, design = _filters.design_butterworth(rate, highpass=highpass, lowpass=lowpass, order=order)
     times = np.asarray(ds["time"].values, dtype=np.float64)
     need = 1 if causal else _filters.padding_samples(sos) + 1
-    if times.size < need:
+    if times.size < need and on_short == "error":  # with "nan" the whole (too short) recording stays NaN
         raise ParameterError(
             f"the recording has {times.size} samples, fewer than the {need} this filter needs (its padding)",
             where=f"filter(highpass={highpass}, lowpass={lowpass}, order={order})",

@@ -52,6 +52,7 @@ from zarr.codecs import BloscCodec
 from gmfx import preproc as ops
 from gmfx._errors import EventsError
 from gmfx._execute import StorePlan, execute_plans
+from gmfx._validate import check_events, warn_short_stretches
 from gmfx.dataset import Recording
 from gmfx.storage import Location, RegionStore, open_dataset, plan_token, store_location
 from gmfx.storage._fingerprint import file_digest, relative_name, require_chunks, store_fingerprint
@@ -279,6 +280,8 @@ def run_chain(
     """Run the chain on each recon store of ``sources`` and write each preproc store of ``targets``."""
     labels = list(labels or [t.url for t in targets])
     filter_options = _options(filter)
+    if filter_options is not None:  # a too-short stretch with a face is left NaN with a warning, by default
+        filter_options = {"on_short": "nan", **filter_options}
     recons = [open_dataset(s, stage="recon") for s in sources]
     fingerprints = [_source_fingerprint(s) for s in sources]
     opened = [chain(ds, align=_global_references(ds, align, client), interpolate=interpolate, filter=False) for ds in recons]
@@ -300,6 +303,9 @@ def run_chain(
         plans.append(plan_lazy(ds, where, stage="preproc", source=f, overwrite=overwrite, chunk=chunk,
                                vertex_chunk=vchunk, label=name, scratch=True))  # fmt: skip
     execute_plans(client, plans, description="preproc (align, interpolate)", progress=progress)
+    if filter_options.get("on_short", "error") == "nan":
+        for where, name in zip(scratch, labels, strict=True):
+            warn_short_stretches(open_dataset(where, stage="preproc"), filter_options, recording=name)
     plans = []
     for s, f, where, t, name, chunk, vchunk in zip(sources, fingerprints, scratch, targets, labels, chunks, vertex_chunks, strict=True):
         filtered = ops.filter(open_dataset(where, stage="preproc"), vertex_chunk=vchunk, **filter_options)
@@ -354,6 +360,7 @@ def epochs(
                 where=posixpath.dirname(recording.video.url),
                 fix=f"add {recording.name}_events.tsv (onset, duration, trial_type) next to the video",
             )
+        check_events(recording.events, anchor=options.get("anchor", "onset"), where=recording.events.url)
         source = store_location(out, recording, "preproc")
         inputs = {
             **_source_fingerprint(source),
