@@ -361,6 +361,12 @@ def read_frame_times(frametimes: Location, video: Location, n_frames: int | None
             where=frametimes.url,
             fix="write it as a TSV file with a header line and a column `t` (seconds), one row per frame",
         ) from error
+    if "t" not in table.columns and len(table.columns) == 1 and "," in str(table.columns[0]):
+        raise FrameTimesError(
+            f"the frame times file is comma-separated (header {table.columns[0]!r}), not tab-separated",
+            where=frametimes.url,
+            fix="save it with tabs between columns (e.g. pandas: to_csv(path, sep='\\t', index=False))",
+        )
     if "t" not in table.columns:
         raise FrameTimesError(
             f"the frame times file has no column `t` (columns: {', '.join(map(str, table.columns)) or 'none'})",

@@ -330,3 +330,38 @@ def test_cli_sampling_freq_zero_is_refused_before_any_work(tmp_path):
     result = CliRunner().invoke(app, ["run", str(tmp_path / "bids"), "--sampling-freq", "0", "--no-progress"])
     assert result.exit_code == 1 and "--sampling-freq" in result.output
     assert not (tmp_path / "bids" / "derivatives").exists()
+
+
+def test_comma_separated_tables_are_named_as_such(tmp_path):
+    from gmfx import EventsError
+    from gmfx.preproc._epochs import read_events
+
+    recording = _dataset(Location(str(tmp_path / "bids")), frametimes="t,x\n" + "".join(f"{i / 25},0\n" for i in range(12)))
+    with pytest.raises(FrameTimesError, match="comma-separated"):
+        plan_decode(recording, Location(str(tmp_path / "out")))
+    recording.events.filesystem()[0].pipe_file(recording.events.url, b"onset,duration\n1.0,0.5\n")
+    with pytest.raises(EventsError, match="comma-separated"):
+        read_events(recording.events)
+
+
+def test_numeric_secret_storage_options_stay_text():
+    from gmfx.storage import parse_storage_options
+
+    options = parse_storage_options(["key=123", "secret=456", "config_kwargs.retries.max_attempts=3", "default_block_size=1024"])
+    assert options == {"key": "123", "secret": "456", "config_kwargs": {"retries": {"max_attempts": 3}}, "default_block_size": 1024}
+
+
+def test_a_rerun_with_nothing_to_do_does_not_redo_align_and_interpolate(tmp_path, monkeypatch):
+    import gmfx.stages.preproc as stage
+
+    root = Location(str(tmp_path / "bids"))
+    recording = _dataset(root)
+    out = root.child("out")
+    write_synthetic_recon(store_location(out, recording, "recon"), FACE, chunk=32)
+    options = {"filter": {"highpass": 0.2, "lowpass": 5.0, "order": 3}}
+    (target,) = preproc([recording], out, progress=False, **options)
+    token = _completion(target)
+    planned = []
+    monkeypatch.setattr(stage, "plan_lazy", lambda *args, **kwargs: planned.append(args) or pytest.fail("replanned"))
+    preproc([recording], out, progress=False, **options)
+    assert planned == [] and _completion(target) == token

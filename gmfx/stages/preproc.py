@@ -55,6 +55,7 @@ from gmfx._execute import StorePlan, execute_plans
 from gmfx._validate import check_events, warn_short_stretches
 from gmfx.dataset import Recording
 from gmfx.storage import Location, RegionStore, open_dataset, plan_token, store_location
+from gmfx.storage._regions import _plan_json
 from gmfx.storage._fingerprint import file_digest, relative_name, require_chunks, store_fingerprint
 from gmfx.types import Stage, Task
 
@@ -215,8 +216,7 @@ def _plan_filtered(
     _, timed = _leading(filtered)
     n_vertex = filtered.sizes["vertex"]
     blocks = [(i, a, min(a + vertex_chunk, n_vertex)) for i, a in enumerate(range(0, n_vertex, vertex_chunk))]
-    plan = {"regions": len(blocks) + 1, "inputs": source, "history": filtered.attrs.get("gmfx_history", []),
-            "chunk": chunk, "vertex_chunk": vertex_chunk, "layout": "vertex-blocks"}  # fmt: skip
+    plan = _filtered_plan(filtered, source, chunk, vertex_chunk)
     store = RegionStore(location, "preproc")
     done = store.prepare(_template(filtered, chunk, vertex_chunk), plan=plan, overwrite=overwrite, encoding=_encoding(filtered, timed))
     token = plan_token(location, plan)
@@ -249,6 +249,18 @@ def _source_fingerprint(source: Location) -> dict[str, str]:
     stage = "recon" if source.name.endswith("_recon.zarr") else "preproc"
     require_chunks(source, stage)
     return store_fingerprint(source, stage)
+
+
+def _filtered_plan(filtered: xr.Dataset, source: Mapping[str, Any], chunk: int, vertex_chunk: int) -> dict[str, Any]:
+    blocks = -(-filtered.sizes["vertex"] // vertex_chunk)
+    return {"regions": blocks + 1, "inputs": source, "history": filtered.attrs.get("gmfx_history", []),
+            "chunk": chunk, "vertex_chunk": vertex_chunk, "layout": "vertex-blocks"}  # fmt: skip
+
+
+def _finished(location: Location, plan: Mapping[str, Any]) -> bool:
+    """True when the store at ``location`` is complete and was written with ``plan``."""
+    attrs = RegionStore(location, "preproc").attrs()
+    return bool(attrs and attrs.get("gmfx_complete") and attrs.get("gmfx_plan") == _plan_json(plan))
 
 
 def _finalize_attrs(ds: xr.Dataset, source: Location) -> dict[str, Any]:
@@ -297,6 +309,17 @@ def run_chain(
     # a filter needs whole time series: unfiltered scratch with vertex blocks, then one task per block
     chunks = [int(ds["v"].chunks[0][0]) for ds in opened]
     vertex_chunks = [_vertex_chunk(ds) for ds in opened]
+    # a finished store with the same plan needs nothing (its scratch store is gone: don't redo it)
+    requested = list(targets)
+    todo = [
+        overwrite or not _finished(t, _filtered_plan(ops.filter(ds, vertex_chunk=vchunk, **filter_options), f, chunk, vchunk))
+        for ds, f, t, chunk, vchunk in zip(opened, fingerprints, targets, chunks, vertex_chunks, strict=True)
+    ]  # fmt: skip
+    if not all(todo):
+        opened, fingerprints, sources, targets, labels, chunks, vertex_chunks = (
+            [x for x, keep in zip(column, todo, strict=True) if keep]
+            for column in (opened, fingerprints, sources, targets, labels, chunks, vertex_chunks)
+        )
     scratch = [_scratch(t) for t in targets]
     plans = []
     for ds, f, where, name, chunk, vchunk in zip(opened, fingerprints, scratch, labels, chunks, vertex_chunks, strict=True):
@@ -315,7 +338,7 @@ def run_chain(
     execute_plans(client, plans, description="preproc (filter)", progress=progress)
     for where in scratch:
         RegionStore(where, "preproc").delete()
-    return list(targets)
+    return requested
 
 
 def preproc(
