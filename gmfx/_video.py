@@ -343,6 +343,15 @@ def decode_segment(
     return frames, index.times[start:stop]
 
 
+def display_rotation(location: Location) -> int:
+    """The counter-clockwise display rotation (degrees) the container asks players to apply, e.g. 90 for
+    a portrait phone video; read from the first decoded frame."""
+    with _open_container(location) as (container, _):
+        for frame in container.decode(container.streams.video[0]):
+            return int(round(frame.rotation or 0)) % 360
+    return 0
+
+
 def read_frame_times(frametimes: Location, video: Location, n_frames: int | None) -> np.ndarray:
     """Read column ``t`` of a ``_frametimes.tsv`` and check it against the video's ``n_frames``.
 

@@ -365,3 +365,25 @@ def test_a_rerun_with_nothing_to_do_does_not_redo_align_and_interpolate(tmp_path
     monkeypatch.setattr(stage, "plan_lazy", lambda *args, **kwargs: planned.append(args) or pytest.fail("replanned"))
     preproc([recording], out, progress=False, **options)
     assert planned == [] and _completion(target) == token
+
+
+def test_a_display_rotation_is_recorded_and_reported(tmp_path):
+    import av
+
+    from gmfx.stages.decode import RotationWarning
+
+    root = Location(str(tmp_path / "bids"))
+    recording = _dataset(root)
+    with av.open(recording.video.url, "w") as container:  # a portrait phone video: coded landscape, shown rotated
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.set_display_rotation(90)
+        for _ in range(4):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with pytest.warns(RotationWarning, match="sub-01_task-x: the video asks players to rotate it by 90 degrees"):
+        (frames,) = decode([recording], Location(str(tmp_path / "out")), client=None, progress=False)
+    ds = open_dataset(frames, stage="decode")
+    assert ds.attrs["source_rotation"] == 90 and ds.sizes["y"] == 48 and ds.sizes["x"] == 64

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import queue
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -39,7 +40,7 @@ from gmfx._errors import ParameterError
 from gmfx._execute import StorePlan, execute_plans
 from gmfx._validate import check_frame_times
 from gmfx._version import __version__
-from gmfx._video import VideoIndex, index_video, iter_segment, output_size, read_frame_times
+from gmfx._video import VideoIndex, display_rotation, index_video, iter_segment, output_size, read_frame_times
 from gmfx.dataset import Recording
 from gmfx.storage import (
     Location,
@@ -54,7 +55,7 @@ from gmfx.storage._fingerprint import relative_name
 from gmfx.storage._retry import retry_transient
 from gmfx.types import Region, Stage, Task, split_regions
 
-__all__ = ["STAGE", "plan_decode", "decode", "open_frames", "default_chunk_frames"]
+__all__ = ["STAGE", "RotationWarning", "plan_decode", "decode", "open_frames", "default_chunk_frames"]
 
 STAGE = Stage("decode", reads=("video",), writes=("frames",))
 
@@ -64,6 +65,10 @@ MAX_CHUNK_BYTES = 64 * 2**20
 #: frames a task decodes by default (rounded to whole chunks)
 SEGMENT_FRAMES = 512
 COMPRESSION_LEVEL = 2
+
+
+class RotationWarning(UserWarning):
+    """A video carries a display rotation that gmfx records but does not apply."""
 
 
 def default_chunk_frames(width: int, height: int) -> int:
@@ -129,7 +134,18 @@ def plan_decode(
         "time_base": f"{index.time_base.numerator}/{index.time_base.denominator}",
         "n_frames": index.n_frames,
         "chunk_frames": chunk,
+        # frames are stored as coded; players rotate them by this (portrait phone videos): meshes are in
+        # the coded image's coordinates
+        "source_rotation": display_rotation(recording.video),
     }
+    if attrs["source_rotation"]:
+        warnings.warn(
+            f"recording {recording.name}: the video asks players to rotate it by {attrs['source_rotation']} degrees; "
+            "gmfx stores and reconstructs the frames as coded (not rotated) and records the rotation in the "
+            "frames store's attribute source_rotation",
+            RotationWarning,
+            stacklevel=2,
+        )
     plan = {
         # what was decoded, by content and by path below the dataset root (a moved dataset keeps its plan)
         "inputs": {
