@@ -11,8 +11,11 @@ import xarray as xr
 
 from gmfx import FrameTimesError, StorageError, find_recordings
 from gmfx._validate import FrameTimesWarning
-from gmfx.stages.decode import decode, plan_decode
-from gmfx.stages.preproc import chain, epochs, preproc
+from gmfx.stages.decode import plan_decode
+from gmfx.stages.decode import run_decode as decode
+from gmfx.stages.preproc import chain
+from gmfx.stages.preproc import run_epochs as epochs
+from gmfx.stages.preproc import run_preproc as preproc
 from gmfx.stages.recon import plan_recon
 from gmfx.storage import Location, RegionStore, open_dataset, store_location
 from gmfx.testing import synthetic_face, write_bids_recording, write_synthetic_recon
@@ -162,7 +165,7 @@ def test_a_rerun_leaves_a_finished_store_untouched(tmp_path):
 
 
 def test_a_truncated_frames_chunk_names_the_store_and_the_chunk(tmp_path):
-    from gmfx.stages.recon import recon
+    from gmfx.stages.recon import run_recon as recon
     from gmfx.testing import BrightSquareBackend
 
     recording = _dataset(Location(str(tmp_path / "bids")))

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from gmfx._errors import StorageError
+from gmfx._errors import GmfxError, StorageError
 
 __all__ = ["retry_transient", "is_transient", "storage_retries"]
 
@@ -35,8 +35,10 @@ _TRANSIENT_NAMES = frozenset({
 
 def is_transient(error: BaseException) -> bool:
     """True for errors worth retrying: connection, timeout and other I/O errors that are not final,
-    including botocore's and aiohttp's connection errors (a dropped S3 connection)."""
-    if isinstance(error, _PERMANENT):
+    including botocore's and aiohttp's connection errors (a dropped S3 connection).
+
+    A :class:`GmfxError` is never transient: gmfx raised it on purpose, and a retry would give it again."""
+    if isinstance(error, (GmfxError, *_PERMANENT)):
         return False
     if any(cls.__name__ in _TRANSIENT_NAMES for cls in type(error).__mro__):
         return True
@@ -62,7 +64,7 @@ def retry_transient(
         try:
             return operation()
         except Exception as error:
-            if isinstance(error, StorageError) or not is_transient(error):
+            if not is_transient(error):
                 raise
             if attempt == budget:
                 raise StorageError(
