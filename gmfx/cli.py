@@ -99,6 +99,17 @@ StartOpt = Annotated[float, typer.Option(metavar="SECONDS", help="Epoch: window 
 EndOpt = Annotated[float, typer.Option(metavar="SECONDS", help="Epoch: window end relative to the anchor.")]
 AnchorOpt = Annotated[str, typer.Option(metavar="ANCHOR", help="Epoch: onset, offset, or warp (each event's duration to one length).")]
 BaselineOpt = Annotated[str | None, typer.Option(metavar="MODE", help="Epoch: baseline correction, mean or ratio [default: none].")]
+OrderOpt = Annotated[int, typer.Option(min=1, metavar="N", help="Filter: Butterworth order.")]
+MaxGapOpt = Annotated[
+    float, typer.Option(min=0.0, metavar="SECONDS", help="Interpolate: gaps (no face) longer than this stay NaN.")
+]
+OnShortOpt = Annotated[
+    str,
+    typer.Option(
+        metavar="MODE",
+        help="Filter: a stretch with a face too short for the filter: nan (leave it NaN, with a warning) or error.",
+    ),
+]
 
 
 @dataclass
@@ -344,6 +355,9 @@ def run(
     lowpass: LowpassOpt = 4.0,
     epoch_start: StartOpt = -0.5,
     epoch_end: EndOpt = 2.0,
+    order: OrderOpt = 5,
+    max_gap: MaxGapOpt = 0.5,
+    on_short: OnShortOpt = "nan",
 ) -> None:
     """Run the whole pipeline: decode, recon, preproc (align, interpolate, filter) and epochs.
 
@@ -361,6 +375,7 @@ def run(
     from gmfx.pipeline import run_pipeline
 
     recordings = sel.recordings()
+    preproc_options = _preproc_options(sampling_freq, highpass, lowpass, reference, order=order, max_gap=max_gap, on_short=on_short)
     with sel.client(gpus=_local_gpus(sel, device)) as client:
         summaries, timings = run_pipeline(
             recordings,
@@ -368,7 +383,7 @@ def run(
             client=client,
             decode_options={"max_size": max_size},
             recon_options={"model": model, "device": device.lower(), "batch_size": batch_size, "max_faces": max_faces},
-            preproc_options=_preproc_options(sampling_freq, highpass, lowpass, reference),
+            preproc_options=preproc_options,
             epoch_options={"start": epoch_start, "end": epoch_end},
             overwrite=sel.overwrite,
             progress=sel.progress,
@@ -376,15 +391,42 @@ def run(
     _print_summary(summaries, timings, sel.out)
     from gmfx.render import qc_report
 
-    typer.echo(f"quality control: {qc_report(recordings, sel.out)}")
+    failed = {summary.recording for summary in summaries if summary.failed_stage in ("decode", "recon")}
+    reported = [recording for recording in recordings if recording.name not in failed]
+    if reported:
+        typer.echo(f"quality control: {qc_report(reported, sel.out)}")
+    _exit_on_failures(summaries)
 
 
-def _preproc_options(sampling_freq: float | None, highpass: float, lowpass: float, reference: str = "template") -> dict:
+def _preproc_options(
+    sampling_freq: float | None, highpass: float, lowpass: float, reference: str = "template", *,
+    order: int = 5, max_gap: float = 0.5, on_short: str = "nan",
+) -> dict:  # fmt: skip
+    from gmfx._errors import ParameterError
+
+    if sampling_freq is not None and not sampling_freq > 0:  # 0 used to mean "the default" silently
+        raise ParameterError(
+            f"--sampling-freq {sampling_freq:g} is not a rate", where="--sampling-freq",
+            fix="give a rate in Hz (e.g. 30), or leave --sampling-freq out for 1 / median frame interval",
+        )  # fmt: skip
+    if on_short not in ("nan", "error"):
+        raise ParameterError(f"--on-short {on_short!r} is not a choice", where="--on-short", fix="use nan or error")
+    filter_options = {"highpass": highpass or None, "lowpass": lowpass or None, "order": order, "on_short": on_short}
     return {
         "align": {"reference": reference},
-        "interpolate": {"sampling_freq": sampling_freq} if sampling_freq else True,
-        "filter": {"highpass": highpass or None, "lowpass": lowpass or None} if (highpass or lowpass) else False,
+        "interpolate": {"sampling_freq": sampling_freq, "max_gap": max_gap},
+        "filter": filter_options if (highpass or lowpass) else False,
     }
+
+
+def _exit_on_failures(summaries) -> None:
+    """List the recordings that failed (recording, stage, message) and exit 1 when there are any."""
+    failures = [summary for summary in summaries if summary.failed_stage]
+    for summary in failures:
+        typer.echo(f"error: {summary.recording} failed in {summary.failed_stage}: {summary.error}", err=True)
+    if failures:
+        typer.echo(f"{len(failures)} of {len(summaries)} recordings failed; the others are complete", err=True)
+        raise typer.Exit(1)
 
 
 @dataset_command
@@ -394,6 +436,9 @@ def preproc(
     sampling_freq: SamplingOpt = None,
     highpass: HighpassOpt = 0.005,
     lowpass: LowpassOpt = 4.0,
+    order: OrderOpt = 5,
+    max_gap: MaxGapOpt = 0.5,
+    on_short: OnShortOpt = "nan",
 ) -> None:
     """Align, interpolate and filter the reconstructions, as one lazy graph per recording.
 
@@ -408,10 +453,10 @@ def preproc(
     from gmfx.stages.preproc import run_preproc
 
     recordings = sel.recordings()
+    options = _preproc_options(sampling_freq, highpass, lowpass, reference, order=order, max_gap=max_gap, on_short=on_short)
     with sel.client() as client:
         stores = run_preproc(
-            recordings, sel.out, client=client, overwrite=sel.overwrite, progress=sel.progress,
-            **_preproc_options(sampling_freq, highpass, lowpass, reference),
+            recordings, sel.out, client=client, overwrite=sel.overwrite, progress=sel.progress, **options,
         )  # fmt: skip
     _print_outputs(stores)
 
@@ -516,6 +561,9 @@ def _print_summary(summaries, timings, out: Location) -> None:
     for column in ("recording", "frames", "face found", "outputs"):
         table.add_column(column, overflow="fold")
     for summary in summaries:
+        if summary.failed_stage:
+            table.add_row(summary.recording, "-", "-", f"failed in {summary.failed_stage} (see below)")
+            continue
         table.add_row(
             summary.recording,
             str(summary.frames),
@@ -525,8 +573,9 @@ def _print_summary(summaries, timings, out: Location) -> None:
     console = Console(width=200)
     console.print(table)
     console.print("time per stage: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in timings.items()))
-    if summaries:
-        outputs = summaries[0].outputs
+    finished = [summary for summary in summaries if not summary.failed_stage]
+    if finished:
+        outputs = finished[0].outputs
         console.print(
             f"Outputs are in {out}. Open them lazily with xarray, e.g.:\n"
             f"  import gmfx\n"

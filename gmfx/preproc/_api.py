@@ -34,7 +34,7 @@ DEFAULT_MAX_GAP = 0.5
 _FILTER_BLOCK_BYTES = 64 * 2**20
 
 #: attributes that describe the state of the store a dataset was read from, not its content
-_STORE_STATE = ("gmfx_stage", "gmfx_plan", "gmfx_regions", "gmfx_complete")
+_STORE_STATE = ("gmfx_stage", "gmfx_plan", "gmfx_regions", "gmfx_complete", "gmfx_completion")
 
 #: the choices of the operations' parameters (checked by :func:`gmfx._checks.check_choice`)
 Reference = Literal["template", "first", "mean", "mat"]
@@ -467,7 +467,7 @@ def filter(  # noqa: A001 - the public name mirrors the operation
     sos, design = _filters.design_butterworth(rate, highpass=highpass, lowpass=lowpass, order=order)
     times = np.asarray(ds["time"].values, dtype=np.float64)
     need = 1 if causal else _filters.padding_samples(sos) + 1
-    if times.size < need:
+    if times.size < need and on_short == "error":  # with "nan" the whole (too short) recording stays NaN
         raise ParameterError(
             f"the recording has {times.size} samples, fewer than the {need} this filter needs (its padding)",
             where=f"filter(highpass={highpass}, lowpass={lowpass}, order={order})",

@@ -31,6 +31,8 @@ from gmfx.models import Backend, Face, get_backend, load_backend
 from gmfx.models._output import pack_faces
 from gmfx.models._tracking import segment_ends, stitch_segments
 from gmfx.storage import Location, LocationLike, RegionStore, as_location, open_dataset, plan_token, store_location
+from gmfx.storage._fingerprint import require_chunks, store_fingerprint
+from gmfx.storage._retry import is_transient
 from gmfx.types import STAGES, Region, Task, split_regions
 
 __all__ = ["STAGE", "LowDetectionWarning", "plan_recon", "run_recon", "stitch_store"]
@@ -85,8 +87,7 @@ def plan_recon(
     plan = {
         "regions": len(regions),
         "region_frames": region_frames,
-        "frames_store": frames_location.url,
-        "frames_plan": frames.attrs.get("gmfx_plan"),
+        "inputs": {"frames": store_fingerprint(frames_location, "decode")},
         "model": backend.name,
         "model_version": backend.version,
         "model_options": options,
@@ -175,7 +176,7 @@ def run_recon(
     ]
     run_tasks(client, [task for plan in plans for task in plan.tasks], description="recon", progress=progress)
     for plan in plans:
-        if max_faces > 1:
+        if max_faces > 1 and not plan.store.is_complete():
             stitch_store(plan.store, max_faces)
         plan.store.finalize(plan.attrs)
         _warn_if_few_faces(plan.store)
@@ -243,7 +244,7 @@ def reconstruct_region(
         sys.modules["torch"].set_num_threads(1)  # one core per worker process on CPU
     model.reset()
     faces: list[list[Face]] = []
-    for start, batch in _read_ahead(_frames_array(frames_location), region, batch_size):
+    for start, batch in _read_ahead(_frames_array(frames_location), region, batch_size, where=frames_location.url):
         found = model.reconstruct(batch, max_faces=max_faces)
         if len(found) != len(batch):
             raise ModelError(
@@ -259,13 +260,26 @@ def reconstruct_region(
     return int(arrays["detected"].any(axis=1).sum())
 
 
-def _read_ahead(frames: zarr.Array, region: Region, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+def _read_ahead(frames: zarr.Array, region: Region, batch_size: int, *, where: str) -> Iterator[tuple[int, np.ndarray]]:
     """``(start, frames)`` batches of ``region``; the next batch is read (and decompressed) in a
-    background thread while the caller works on the current one."""
+    background thread while the caller works on the current one. A chunk that cannot be decoded (a
+    truncated file) raises a :class:`StorageError` naming the store and the chunks."""
     starts = list(range(region.start, region.stop, batch_size))
 
     def read(start: int) -> np.ndarray:
-        return frames[start : min(start + batch_size, region.stop)]
+        stop = min(start + batch_size, region.stop)
+        try:
+            return frames[start:stop]
+        except Exception as error:  # noqa: BLE001
+            if is_transient(error):
+                raise  # the task is retried
+            step = frames.chunks[0]
+            chunks = ", ".join(f"frames/{frames.metadata.encode_chunk_key((i, 0, 0, 0))}" for i in range(start // step, -(-stop // step)))
+            raise StorageError(
+                f"frames {start}-{stop - 1} of the decode store cannot be read ({type(error).__name__}: {error})",
+                where=f"{where} (chunks {chunks})",
+                fix="the store is damaged: rewrite it with gmfx decode --overwrite, or copy it again",
+            ) from error
 
     with ThreadPoolExecutor(max_workers=1) as reader:
         pending = reader.submit(read, starts[0]) if starts else None
@@ -350,6 +364,7 @@ def _open_frames(location: Location) -> xr.Dataset:
             where=location.url,
             fix="rewrite it with this gmfx: gmfx decode --overwrite",
         )
+    require_chunks(location, "decode")  # a missing chunk would read as black frames
     return frames
 
 
