@@ -19,6 +19,12 @@ def example_dataset_path() -> Path:
 def write_example_dataset(dest: str | Path) -> Path:
     """Copy the example dataset (one participant, one real clip with frame times and events) to ``dest``."""
     target = Path(dest)
+    if target.exists() and not target.is_dir():
+        raise DatasetError(
+            "the destination of the example dataset is a file, not a folder",
+            where=str(target),
+            fix="give the path of a new or empty folder",
+        )
     if target.exists() and any(target.iterdir()):
         if (target / "sub-01").exists():
             return target.resolve()

@@ -81,7 +81,7 @@ def run_tasks(
     with contextlib.ExitStack() as stack:
         if client is None:
             pool = stack.enter_context(ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, len(tasks)))))
-            futures = [pool.submit(task.function, *task.args) for task in tasks]
+            futures = [pool.submit(_guarded, task.function, *task.args) for task in tasks]
             completed = concurrent.futures.as_completed(futures)
 
             def cancel() -> None:
@@ -91,8 +91,9 @@ def run_tasks(
         else:
             futures = [
                 client.submit(
-                    task.function, *task.args, key=task.key, resources=task.resources, retries=retries, pure=False
-                )
+                    _guarded, task.function, *task.args, key=task.key, resources=task.resources, retries=retries,
+                    pure=False,
+                )  # fmt: skip
                 for task in tasks
             ]
             # as_completed looks up the current client: make it ours, even when it is not the default one
@@ -111,6 +112,8 @@ def run_tasks(
                 i = position[future]
                 try:
                     results[i] = future.result()
+                    if isinstance(results[i], _Failed):
+                        raise results[i].error
                 except GmfxError:
                     raise
                 except Exception as error:
@@ -124,6 +127,22 @@ def run_tasks(
             cancel()
             raise
     return results
+
+
+@dataclass(frozen=True)
+class _Failed:
+    """A task's deliberate error, returned as its result: a :class:`GmfxError` is deterministic (bad
+    input, a spent storage retry budget), so Dask must neither retry the task nor log its traceback on
+    every worker; the client raises it once."""
+
+    error: GmfxError
+
+
+def _guarded(function, *args):
+    try:
+        return function(*args)
+    except GmfxError as error:
+        return _Failed(error)
 
 
 @dataclass

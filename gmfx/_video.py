@@ -343,7 +343,16 @@ def decode_segment(
     return frames, index.times[start:stop]
 
 
-def read_frame_times(frametimes: Location, video: Location, n_frames: int) -> np.ndarray:
+def display_rotation(location: Location) -> int:
+    """The counter-clockwise display rotation (degrees) the container asks players to apply, e.g. 90 for
+    a portrait phone video; read from the first decoded frame."""
+    with _open_container(location) as (container, _):
+        for frame in container.decode(container.streams.video[0]):
+            return int(round(frame.rotation or 0)) % 360
+    return 0
+
+
+def read_frame_times(frametimes: Location, video: Location, n_frames: int | None) -> np.ndarray:
     """Read column ``t`` of a ``_frametimes.tsv`` and check it against the video's ``n_frames``.
 
     Raises
@@ -361,6 +370,12 @@ def read_frame_times(frametimes: Location, video: Location, n_frames: int) -> np
             where=frametimes.url,
             fix="write it as a TSV file with a header line and a column `t` (seconds), one row per frame",
         ) from error
+    if "t" not in table.columns and len(table.columns) == 1 and "," in str(table.columns[0]):
+        raise FrameTimesError(
+            f"the frame times file is comma-separated (header {table.columns[0]!r}), not tab-separated",
+            where=frametimes.url,
+            fix="save it with tabs between columns (e.g. pandas: to_csv(path, sep='\\t', index=False))",
+        )
     if "t" not in table.columns:
         raise FrameTimesError(
             f"the frame times file has no column `t` (columns: {', '.join(map(str, table.columns)) or 'none'})",
@@ -375,7 +390,7 @@ def read_frame_times(frametimes: Location, video: Location, n_frames: int) -> np
             where=frametimes.url,
             fix="give a time in seconds for every frame (no empty cells, n/a or NaN)",
         )
-    if len(times) != n_frames:
+    if n_frames is not None and len(times) != n_frames:  # None: checked later, against the decoded video
         raise FrameTimesError(
             f"the frame times file has {len(times)} rows but the video has {n_frames} decodable frames",
             where=f"{frametimes.url} and {video.url}",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import os
 import re
 import sys
 import typing
@@ -103,6 +104,17 @@ StartOpt = Annotated[float, typer.Option(metavar="SECONDS", help="Epoch: window 
 EndOpt = Annotated[float, typer.Option(metavar="SECONDS", help="Epoch: window end relative to the anchor.")]
 AnchorOpt = Annotated[str, typer.Option(metavar="ANCHOR", help="Epoch: onset, offset, or warp (each event's duration to one length).")]
 BaselineOpt = Annotated[str | None, typer.Option(metavar="MODE", help="Epoch: baseline correction, mean or ratio [default: none].")]
+OrderOpt = Annotated[int, typer.Option(min=1, metavar="N", help="Filter: Butterworth order.")]
+MaxGapOpt = Annotated[
+    float, typer.Option(min=0.0, metavar="SECONDS", help="Interpolate: gaps (no face) longer than this stay NaN.")
+]
+OnShortOpt = Annotated[
+    str,
+    typer.Option(
+        metavar="MODE",
+        help="Filter: a stretch with a face too short for the filter: nan (leave it NaN, with a warning) or error.",
+    ),
+]
 
 
 @dataclass
@@ -292,6 +304,10 @@ def recon(
         list[str] | None,
         typer.Option(metavar="KEY=VALUE", help="Option for the model, e.g. min_detection_confidence=0.3; repeatable."),
     ] = None,
+    model_dir: Annotated[str | None, typer.Option("--model-dir", metavar="URL", help="FLAME family: folder or URL of the model files [default: $GMFX_MODEL_DIR].")] = None,
+    detector: Annotated[str | None, typer.Option(metavar="NAME", help="FLAME family: face boxes from mediapipe (default) or fan (face-alignment).")] = None,
+    precision: Annotated[str | None, typer.Option(metavar="DTYPE", help="FLAME family: encoder precision float32 (default), float16 or bfloat16.")] = None,
+    save_vertices: Annotated[bool, typer.Option("--save-vertices", help="FLAME family: store vertices too (by default they are derived from the codes on read).")] = False,
     render: Annotated[
         bool, typer.Option("--render", help="Also write the original tool's videos: the mesh in world space and over the frames.")
     ] = False,
@@ -308,6 +324,10 @@ def recon(
     """
     from gmfx.stages.recon import run_recon
 
+    options = parse_key_values(model_option, where="--model-option")
+    if model_dir:  # the client reads the topology, the workers (started below) the weights, from there
+        os.environ["GMFX_MODEL_DIR"] = options["model_dir"] = model_dir
+    options.update({k: v for k, v in (("detector", detector), ("precision", precision)) if v is not None})
     recordings = sel.recordings()
     with sel.client(gpus=_local_gpus(sel, device)) as client:
         stores = run_recon(
@@ -319,9 +339,10 @@ def recon(
             batch_size=batch_size,
             max_faces=max_faces,
             segment_frames=segment_frames,
-            model_options=parse_key_values(model_option, where="--model-option"),
+            model_options=options,
             overwrite=sel.overwrite,
             progress=sel.progress,
+            save_vertices=save_vertices,
         )
         if render:
             stores = [*stores, *_recon_videos(sel, recordings, client)]
@@ -342,6 +363,9 @@ def run(
     lowpass: LowpassOpt = 4.0,
     epoch_start: StartOpt = -0.5,
     epoch_end: EndOpt = 2.0,
+    order: OrderOpt = 5,
+    max_gap: MaxGapOpt = 0.5,
+    on_short: OnShortOpt = "nan",
 ) -> None:
     """Run the whole pipeline: decode, recon, preproc (align, interpolate, filter) and epochs.
 
@@ -359,6 +383,7 @@ def run(
     from gmfx.pipeline import run_pipeline
 
     recordings = sel.recordings()
+    preproc_options = _preproc_options(sampling_freq, highpass, lowpass, reference, order=order, max_gap=max_gap, on_short=on_short)
     with sel.client(gpus=_local_gpus(sel, device)) as client:
         summaries, timings = run_pipeline(
             recordings,
@@ -366,7 +391,7 @@ def run(
             client=client,
             decode_options={"max_size": max_size},
             recon_options={"model": model, "device": device.lower(), "batch_size": batch_size, "max_faces": max_faces},
-            preproc_options=_preproc_options(sampling_freq, highpass, lowpass, reference),
+            preproc_options=preproc_options,
             epoch_options={"start": epoch_start, "end": epoch_end},
             overwrite=sel.overwrite,
             progress=sel.progress,
@@ -374,15 +399,42 @@ def run(
     _print_summary(summaries, timings, sel.out)
     from gmfx.render import qc_report
 
-    typer.echo(f"quality control: {qc_report(recordings, sel.out)}")
+    failed = {summary.recording for summary in summaries if summary.failed_stage in ("decode", "recon")}
+    reported = [recording for recording in recordings if recording.name not in failed]
+    if reported:
+        typer.echo(f"quality control: {qc_report(reported, sel.out)}")
+    _exit_on_failures(summaries)
 
 
-def _preproc_options(sampling_freq: float | None, highpass: float, lowpass: float, reference: str = "template") -> dict:
+def _preproc_options(
+    sampling_freq: float | None, highpass: float, lowpass: float, reference: str = "template", *,
+    order: int = 5, max_gap: float = 0.5, on_short: str = "nan",
+) -> dict:  # fmt: skip
+    from gmfx._errors import ParameterError
+
+    if sampling_freq is not None and not sampling_freq > 0:  # 0 used to mean "the default" silently
+        raise ParameterError(
+            f"--sampling-freq {sampling_freq:g} is not a rate", where="--sampling-freq",
+            fix="give a rate in Hz (e.g. 30), or leave --sampling-freq out for 1 / median frame interval",
+        )  # fmt: skip
+    if on_short not in ("nan", "error"):
+        raise ParameterError(f"--on-short {on_short!r} is not a choice", where="--on-short", fix="use nan or error")
+    filter_options = {"highpass": highpass or None, "lowpass": lowpass or None, "order": order, "on_short": on_short}
     return {
         "align": {"reference": reference},
-        "interpolate": {"sampling_freq": sampling_freq} if sampling_freq else True,
-        "filter": {"highpass": highpass or None, "lowpass": lowpass or None} if (highpass or lowpass) else False,
+        "interpolate": {"sampling_freq": sampling_freq, "max_gap": max_gap},
+        "filter": filter_options if (highpass or lowpass) else False,
     }
+
+
+def _exit_on_failures(summaries) -> None:
+    """List the recordings that failed (recording, stage, message) and exit 1 when there are any."""
+    failures = [summary for summary in summaries if summary.failed_stage]
+    for summary in failures:
+        typer.echo(f"error: {summary.recording} failed in {summary.failed_stage}: {summary.error}", err=True)
+    if failures:
+        typer.echo(f"{len(failures)} of {len(summaries)} recordings failed; the others are complete", err=True)
+        raise typer.Exit(1)
 
 
 @dataset_command
@@ -392,6 +444,9 @@ def preproc(
     sampling_freq: SamplingOpt = None,
     highpass: HighpassOpt = 0.005,
     lowpass: LowpassOpt = 4.0,
+    order: OrderOpt = 5,
+    max_gap: MaxGapOpt = 0.5,
+    on_short: OnShortOpt = "nan",
 ) -> None:
     """Align, interpolate and filter the reconstructions, as one lazy graph per recording.
 
@@ -406,10 +461,10 @@ def preproc(
     from gmfx.stages.preproc import run_preproc
 
     recordings = sel.recordings()
+    options = _preproc_options(sampling_freq, highpass, lowpass, reference, order=order, max_gap=max_gap, on_short=on_short)
     with sel.client() as client:
         stores = run_preproc(
-            recordings, sel.out, client=client, overwrite=sel.overwrite, progress=sel.progress,
-            **_preproc_options(sampling_freq, highpass, lowpass, reference),
+            recordings, sel.out, client=client, overwrite=sel.overwrite, progress=sel.progress, **options,
         )  # fmt: skip
     _print_outputs(stores)
 
@@ -514,6 +569,9 @@ def _print_summary(summaries, timings, out: Location) -> None:
     for column in ("recording", "frames", "face found", "outputs"):
         table.add_column(column, overflow="fold")
     for summary in summaries:
+        if summary.failed_stage:
+            table.add_row(summary.recording, "-", "-", f"failed in {summary.failed_stage} (see below)")
+            continue
         table.add_row(
             summary.recording,
             str(summary.frames),
@@ -523,8 +581,9 @@ def _print_summary(summaries, timings, out: Location) -> None:
     console = Console(width=200)
     console.print(table)
     console.print("time per stage: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in timings.items()))
-    if summaries:
-        outputs = summaries[0].outputs
+    finished = [summary for summary in summaries if not summary.failed_stage]
+    if finished:
+        outputs = finished[0].outputs
         console.print(
             f"Outputs are in {out}. Open them lazily with xarray, e.g.:\n"
             f"  import gmfx\n"
@@ -609,16 +668,39 @@ def qc(sel: Selection) -> None:
     typer.echo(str(qc_report(sel.recordings(), sel.out)))
 
 
-@app.command()
-def models() -> None:
-    """List the installed reconstruction models and what they declare.
+models_app = typer.Typer(
+    help="List the reconstruction models, their files (present or missing) and where to get them.",
+    rich_markup_mode=None,
+    add_completion=False,
+)
+app.add_typer(models_app, name="models")
+ModelDirOpt = Annotated[
+    str | None,
+    typer.Option("--model-dir", metavar="URL", help="Folder or URL of the model files [default: $GMFX_MODEL_DIR, else ~/.cache/gmfx/models].", show_default=False),
+]
 
-    Example:
+
+@models_app.callback(invoke_without_command=True)
+def models(ctx: typer.Context, model_dir: ModelDirOpt = None, storage_option: StorageOpt = None) -> None:
+    """List the installed reconstruction models, what they declare and the model files each needs.
+
+    Examples:
 
       gmfx models
-    """
-    from gmfx.models import available_backends, get_backend
 
+      gmfx models --model-dir s3://lab/models -s client_kwargs.endpoint_url=http://127.0.0.1:9000
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from gmfx.models import available_backends, get_backend
+    from gmfx.models._files import model_dir as resolve_model_dir
+    from gmfx.models._files import model_file_status
+
+    options = parse_storage_options(storage_option)
+    if model_dir:  # the FLAME family reads its topology from there
+        os.environ["GMFX_MODEL_DIR"] = model_dir
+    root = resolve_model_dir(model_dir, options)
+    typer.echo(f"model directory: {root.url}")
     for name in available_backends():
         try:
             backend = get_backend(name)
@@ -627,7 +709,52 @@ def models() -> None:
             continue
         devices = "/".join(backend.devices) + (" (GPU required)" if backend.requires_gpu else "")
         codes = ", ".join(f"{code} ({size})" for code, size in backend.outputs.codes.items()) or "none"
-        typer.echo(f"{name} (version {backend.version}): {backend.topology().n_vertices} vertices, devices {devices}, codes {codes}")
+        status = model_file_status(backend, root)
+        try:
+            vertices = f"{backend.topology().n_vertices} vertices"
+        except GmfxError:
+            vertices = "vertices unknown until its files are present"
+        typer.echo(f"{name} (version {backend.version}): {vertices}, devices {devices}, codes {codes}")
+        for spec, found in status:
+            if found is not None:
+                typer.echo(f"  present  {spec.description}: {found.url}")
+            else:
+                typer.echo(f"  MISSING  {spec.description} ({' or '.join(spec.paths)}): {spec.obtain}")
+
+
+@models_app.command("import-flame")
+def import_flame(
+    file: Annotated[str, typer.Argument(metavar="FILE", help="FLAME .pkl (generic_model.pkl, flame2023.pkl, ...).", show_default=False)],
+    model_dir: ModelDirOpt = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", metavar="URL", help="Where to write the .npz [default: FLAME2020/generic_model.npz in the model directory].")] = None,
+    storage_option: StorageOpt = None,
+) -> None:
+    """Convert a FLAME .pkl once into a pickle-free .npz that gmfx reads (checked key by key).
+
+    The .pkl is read by gmfx's restricted unpickler (chumpy and SciPy objects become arrays; anything
+    else is refused). Example:
+
+      gmfx models import-flame ~/Downloads/FLAME2020/generic_model.pkl --model-dir /lab/models
+    """
+    from gmfx.models._files import model_dir as resolve_model_dir
+    from gmfx.models._flame import read_flame, write_flame_npz
+
+    options = parse_storage_options(storage_option)
+    try:
+        source = Location(file, options)
+        if not source.exists():
+            raise GmfxError(f"no file {file}", where=file, fix="give the path of the FLAME .pkl")
+        with source.open("rb") as handle:
+            model = read_flame(handle.read(), where=source.url)
+        target = Location(out, options) if out else resolve_model_dir(model_dir, options).child("FLAME2020", "generic_model.npz")
+        fs, path = target.filesystem()
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        with target.open("wb") as handle:
+            write_flame_npz(model, handle)
+    except GmfxError as error:
+        typer.echo(redact(f"error: {error}", options), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{target.url} ({model.n_vertices} vertices, {len(model.faces)} triangles, {model.n_expression} expression components)")
 
 
 @app.command()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import psutil
@@ -17,6 +19,8 @@ if TYPE_CHECKING:
     from gmfx.models import Backend
 
 __all__ = ["GPU_FIX", "connect", "gpu_worker_specs", "gpu_workers", "local_gpu_count", "require_resource", "resolve_device"]
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -49,16 +53,62 @@ def connect(scheduler: str | None = None, *, workers: int | None = None, gpus: i
     n = gpus or workers or min(psutil.cpu_count(logical=False) or os.cpu_count() or 1, 8)
     memory_limit = int(psutil.virtual_memory().total * 0.8 / n)
     if gpus:
-        cluster = SpecCluster(
+        cluster = _start(lambda: SpecCluster(
             scheduler={"cls": Scheduler, "options": {"host": "127.0.0.1"}},
             workers=gpu_worker_specs(gpus, memory_limit=memory_limit),
-        )
+        ), n)  # fmt: skip
     else:
-        cluster = LocalCluster(
+        cluster = _start(lambda: LocalCluster(
             n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit=memory_limit
-        )
-    with cluster, Client(cluster) as client:
+        ), n)  # fmt: skip
+    client = Client(cluster)
+    try:
         yield client
+    finally:
+        _close(client, cluster)
+
+
+#: seconds a local cluster may take to start its workers (each imports gmfx and its libraries: ~5-15 s
+#: measured on a loaded 2-core box) before gmfx gives up with a clear message
+START_TIMEOUT = 120.0
+#: seconds given to closing the local cluster once the work is done
+CLOSE_TIMEOUT = 60.0
+
+
+def _start(make: Callable[[], SpecCluster], n: int, timeout: float | None = None) -> SpecCluster:
+    """Start a local cluster, or fail with a :class:`ClusterError` after ``timeout`` seconds (workers that
+    cannot start would otherwise hang forever)."""
+    timeout = START_TIMEOUT if timeout is None else timeout
+    outcome: dict[str, object] = {}
+
+    def start() -> None:
+        try:
+            outcome["cluster"] = make()
+        except BaseException as error:  # noqa: BLE001 - handed to the caller
+            outcome["error"] = error
+
+    thread = threading.Thread(target=start, name="gmfx-cluster-start", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    fix = "check that gmfx imports in a fresh process (python -c 'import gmfx'), free memory, or give --workers fewer"
+    if thread.is_alive():
+        raise ClusterError(f"the local cluster's {n} workers did not start within {timeout:g} s", where="local cluster", fix=fix)
+    if "error" in outcome:
+        error = outcome["error"]
+        raise ClusterError(
+            f"the local cluster could not start ({type(error).__name__}: {error})", where="local cluster", fix=fix
+        ) from error  # type: ignore[misc]
+    return outcome["cluster"]  # type: ignore[return-value]
+
+
+def _close(client: Client, cluster: SpecCluster) -> None:
+    """Close the client and the local cluster; problems are logged, not raised: the work is done (or
+    has already failed with its own error) by the time the cluster goes away."""
+    for what, close in (("client", client.close), ("local cluster", cluster.close)):
+        try:
+            close(timeout=CLOSE_TIMEOUT)
+        except Exception as error:  # noqa: BLE001
+            log.warning("closing the %s failed (%s: %s); the results are not affected", what, type(error).__name__, error)
 
 
 def gpu_worker_specs(gpus: int, *, memory_limit: int | str = "auto") -> dict[str, dict]:

@@ -128,12 +128,11 @@ def find_recordings(
                 where=str(root),
                 fix="give the path or URL of a BIDS-like folder that holds sub-*/ folders",
             )
-        paths = fs.glob(posixpath.join(root_path, "sub-*", "*")) + fs.glob(
-            posixpath.join(root_path, "sub-*", "ses-*", "*")
-        )
+        base = _escape_glob(root_path)
+        paths = fs.glob(posixpath.join(base, "sub-*", "*")) + fs.glob(posixpath.join(base, "sub-*", "ses-*", "*"))
     except DatasetError:
         raise
-    except (OSError, PermissionError) as error:
+    except Exception as error:  # noqa: BLE001 - OSError, botocore's connection errors, ...: one clear message
         raise DatasetError(
             f"the input dataset cannot be listed ({type(error).__name__}: {error})",
             where=str(root),
@@ -229,6 +228,11 @@ def _filesystem(root: Location):
             where=str(root),
             fix="check the URL's protocol and the --storage-option values",
         ) from error
+
+
+def _escape_glob(path: str) -> str:
+    """``path`` with glob's special characters matched literally (a folder named ``study[1]``)."""
+    return re.sub(r"([*?\[])", r"[\1]", path)
 
 
 def _url(fs, path: str, root: Location) -> str:

@@ -16,8 +16,9 @@ import numpy as np
 from distributed import Client
 
 from gmfx._checks import check_options
-from gmfx._errors import StorageError
+from gmfx._errors import GmfxError, StorageError
 from gmfx._execute import one_display
+from gmfx._validate import check_pipeline
 from gmfx.dataset import Recording
 from gmfx.types import STAGES
 from gmfx.storage import Location, LocationLike, RegionStore, as_location, open_dataset, store_location
@@ -33,6 +34,9 @@ class RecordingSummary:
     frames: int
     detected_fraction: float
     outputs: Mapping[str, str] = field(default_factory=dict)
+    #: the stage that failed for this recording and its message (the other recordings went on)
+    failed_stage: str | None = None
+    error: str | None = None
 
 
 def run_pipeline(
@@ -51,7 +55,10 @@ def run_pipeline(
     """Run every stage for ``recordings``; return a summary per recording and seconds per stage.
 
     Epochs are cut for the recordings that have an ``_events.tsv``. ``out`` is a path, URL (with
-    ``storage_options``) or :class:`Location`.
+    ``storage_options``) or :class:`Location`. Options, events and frame times are checked before
+    decode starts. One recording failing does not stop the others: a stage that fails runs again
+    recording by recording (finished regions are kept, so this repeats little work); the failing
+    recordings skip the later stages, and their summaries carry the stage and the message.
     """
     from gmfx import preproc as gmfx_preproc
     from gmfx.preproc import epoch
@@ -71,13 +78,30 @@ def run_pipeline(
         if isinstance(value, Mapping):  # the steps' own options, before any stage runs
             check_options(value, getattr(gmfx_preproc, step), function="run_pipeline", name=f"preproc_options[{step!r}]")
 
+    check_pipeline(recordings, preproc_options=dict(preproc_options or {}), epoch_options=dict(epoch_options or {}))
     timings: dict[str, float] = {}
+    failed: dict[str, tuple[str, str]] = {}  # recording -> (stage, message)
 
     def timed(name: str, function, selected, options) -> None:
+        selected = [r for r in selected if r.name not in failed]
         if not selected:
             return
         start = time.perf_counter()
-        function(selected, out, client=client, overwrite=overwrite, progress=progress, **dict(options or {}))
+
+        def call(chosen) -> None:
+            function(chosen, out, client=client, overwrite=overwrite, progress=progress, **dict(options or {}))
+
+        try:
+            call(selected)
+        except GmfxError as error:
+            if len(selected) == 1:
+                failed[selected[0].name] = (name, str(error))
+            else:
+                for recording in selected:  # which recordings fail, on their own
+                    try:
+                        call([recording])
+                    except GmfxError as single:
+                        failed[recording.name] = (name, str(single))
         timings[name] = time.perf_counter() - start
 
     with one_display(enabled=progress):  # one display for the whole run, a row per stage
@@ -85,7 +109,13 @@ def run_pipeline(
         timed("recon", run_recon, recordings, recon_options)
         timed("preproc", run_preproc, recordings, preproc_options)
         timed("epoch", run_epochs, [r for r in recordings if r.events is not None], epoch_options)
-    return [_summarize(recording, out) for recording in recordings], timings
+    summaries = [
+        _summarize(recording, out)
+        if recording.name not in failed
+        else RecordingSummary(recording.name, 0, float("nan"), {}, *failed[recording.name])
+        for recording in recordings
+    ]
+    return summaries, timings
 
 
 def _summarize(recording: Recording, out: Location) -> RecordingSummary:

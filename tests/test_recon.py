@@ -213,7 +213,7 @@ def _fake_frames_store(location, *, drop=(), version="0.1.0"):
         attrs={"gmfx_version": version},
     ).drop_vars(list(drop))
     store.prepare(template, plan={"regions": 1}, overwrite=True)
-    store.write_region(0, slice(0, 4), {})
+    store.write_region(0, slice(0, 4), {"frames": np.zeros((4, 8, 8, 3), np.uint8)} if "frames" not in drop else {})
     store.finalize()
 
 

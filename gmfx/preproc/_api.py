@@ -36,7 +36,7 @@ DEFAULT_MAX_GAP = 0.5
 _FILTER_BLOCK_BYTES = 64 * 2**20
 
 #: attributes that describe the state of the store a dataset was read from, not its content
-_STORE_STATE = ("gmfx_stage", "gmfx_plan", "gmfx_regions", "gmfx_complete")
+_STORE_STATE = ("gmfx_stage", "gmfx_plan", "gmfx_regions", "gmfx_complete", "gmfx_completion")
 
 #: the choices of the operations' parameters (checked by :func:`gmfx._checks.check_choice`)
 Reference = Literal["template", "first", "mean", "mat"]
@@ -53,8 +53,11 @@ _FRAMES_RECIPE = "_gmfx_frames"
 
 
 def open_recon(location: LocationLike, storage_options: Mapping[str, Any] | None = None) -> xr.Dataset:
-    """Open a finished recon store lazily (a path, URL with ``storage_options``, or :class:`Location`)."""
-    return open_dataset(as_location(location, storage_options), stage="recon")
+    """Open a finished recon store lazily (a path, URL with ``storage_options``, or :class:`Location`);
+    the vertices of codes-only FLAME stores are derived lazily from their codes."""
+    from gmfx.models import with_vertices
+
+    return with_vertices(open_dataset(as_location(location, storage_options), stage="recon"))
 
 
 # -- shared helpers -------------------------------------------------------------------------------
@@ -616,7 +619,7 @@ def filter(  # noqa: A001 - the public name mirrors the operation
         )
         times = np.asarray(ds["time"].values, dtype=np.float64)
         need = 1 if causal else _filters.padding_samples(sos) + 1
-        if times.size < need:
+        if times.size < need and on_short == "error":  # with "nan" the whole (too short) recording stays NaN
             raise ParameterError(
                 f"the recording has {times.size} samples, fewer than the {need} this filter needs (its padding)",
                 where=f"filter(highpass={highpass}, lowpass={lowpass}, order={order})",

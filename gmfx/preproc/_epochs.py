@@ -37,6 +37,12 @@ def read_events(source: pd.DataFrame | str | os.PathLike | Location) -> pd.DataF
                 where=where,
                 fix="write it as BIDS _events.tsv: tab-separated with a header line and columns onset, duration",
             ) from error
+    if "onset" not in table.columns and len(table.columns) == 1 and "," in str(table.columns[0]):
+        raise EventsError(
+            f"the events file is comma-separated (header {table.columns[0]!r}), not tab-separated",
+            where=where,
+            fix="save it with tabs between columns (BIDS _events.tsv; e.g. pandas: to_csv(path, sep='\\t', index=False))",
+        )
     if "onset" not in table.columns:
         raise EventsError(
             f"the events table has no 'onset' column (columns: {', '.join(map(str, table.columns)) or 'none'})",

@@ -57,7 +57,7 @@ def design_butterworth(
                 f"the {name} cut-off {cutoff:g} Hz is not between 0 and the Nyquist frequency {nyquist:g} Hz "
                 f"(half the sampling rate {sampling_freq:g} Hz)",
                 where=where,
-                fix=f"choose a {name} below {nyquist:g} Hz, or None to switch it off",
+                fix=f"choose a {name} below {nyquist:g} Hz, or switch it off (None; on the command line --{name} 0)",
             )
     if highpass is not None and lowpass is not None and highpass >= lowpass:
         raise ParameterError(

@@ -33,7 +33,10 @@ def even_grid(times: np.ndarray, sampling_freq: float | None = None) -> tuple[np
     if sampling_freq is None:
         sampling_freq = 1.0 / float(np.median(np.diff(finite)))
     count = int(np.floor((finite[-1] - finite[0]) * sampling_freq + 1e-9)) + 1
-    return finite[0] + np.arange(count) / sampling_freq, float(sampling_freq)
+    # rounding can put the last grid time a few ulps past the last frame (3.9600000000000035 for 100
+    # frames at 25 fps), which made its sample NaN: clip it onto the last frame
+    grid = np.minimum(finite[0] + np.arange(count) / sampling_freq, finite[-1])
+    return grid, float(sampling_freq)
 
 
 def brackets(

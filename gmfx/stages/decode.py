@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import queue
+import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -38,8 +39,9 @@ from zarr.codecs import ZstdCodec
 
 from gmfx._errors import ParameterError, parameter
 from gmfx._execute import StorePlan, execute_plans
+from gmfx._validate import check_frame_times
 from gmfx._version import __version__
-from gmfx._video import VideoIndex, index_video, iter_segment, output_size, read_frame_times
+from gmfx._video import VideoIndex, display_rotation, index_video, iter_segment, output_size, read_frame_times
 from gmfx.dataset import Recording
 from gmfx.storage import (
     Location,
@@ -52,10 +54,11 @@ from gmfx.storage import (
     store_location,
     write_dataset_description,
 )
+from gmfx.storage._fingerprint import relative_name
 from gmfx.storage._retry import retry_transient
 from gmfx.types import STAGES, Region, Task, split_regions
 
-__all__ = ["STAGE", "plan_decode", "run_decode", "open_frames", "default_chunk_frames"]
+__all__ = ["STAGE", "RotationWarning", "plan_decode", "run_decode", "open_frames", "default_chunk_frames"]
 
 STAGE = STAGES["decode"]
 
@@ -65,6 +68,10 @@ MAX_CHUNK_BYTES = 64 * 2**20
 #: frames a task decodes by default (rounded to whole chunks)
 SEGMENT_FRAMES = 512
 COMPRESSION_LEVEL = 2
+
+
+class RotationWarning(UserWarning):
+    """A video carries a display rotation that gmfx records but does not apply."""
 
 
 def default_chunk_frames(width: int, height: int) -> int:
@@ -112,6 +119,8 @@ def plan_decode(
         if recording.frametimes is None
         else read_frame_times(recording.frametimes, recording.video, index.n_frames)
     )
+    if recording.frametimes is not None:
+        check_frame_times(times, index.times, frametimes=recording.frametimes.url, video=recording.video.url)
     width, height = output_size(index.width, index.height, max_size)
     chunk = chunk_frames or default_chunk_frames(width, height)
     chunks_per_segment = max(1, -(-(segment_frames or SEGMENT_FRAMES) // chunk))
@@ -128,13 +137,27 @@ def plan_decode(
         "time_base": f"{index.time_base.numerator}/{index.time_base.denominator}",
         "n_frames": index.n_frames,
         "chunk_frames": chunk,
+        # frames are stored as coded; players rotate them by this (portrait phone videos): meshes are in
+        # the coded image's coordinates
+        "source_rotation": display_rotation(recording.video),
     }
+    if attrs["source_rotation"]:
+        warnings.warn(
+            f"recording {recording.name}: the video asks players to rotate it by {attrs['source_rotation']} degrees; "
+            "gmfx stores and reconstructs the frames as coded (not rotated) and records the rotation in the "
+            "frames store's attribute source_rotation",
+            RotationWarning,
+            stacklevel=2,
+        )
     plan = {
-        "source": recording.video.url,
-        "source_bytes": index.size,
-        "source_pts": _digest(index.pts.tobytes()),
-        "frame_times_source": attrs["frame_times_source"],
-        "frame_times": _digest(times.tobytes()),
+        # what was decoded, by content and by path below the dataset root (a moved dataset keeps its plan)
+        "inputs": {
+            "video": relative_name(recording.video, recording.root),
+            "video_bytes": index.size,
+            "video_pts": _digest(index.pts.tobytes()),
+            "frame_times": "container" if recording.frametimes is None else relative_name(recording.frametimes, recording.root),
+            "frame_times_digest": _digest(times.tobytes()),
+        },
         "chunk_frames": chunk,
         "segment_frames": chunks_per_segment * chunk,
         "max_size": max_size,

@@ -36,6 +36,7 @@ Speed (measured on a 2-core box, 5,023 vertices at 30 fps; see ``benchmarks/prep
 
 from __future__ import annotations
 
+import json
 import posixpath
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -54,8 +55,11 @@ from gmfx import preproc as ops
 from gmfx._checks import check_options
 from gmfx._errors import EventsError
 from gmfx._execute import StorePlan, execute_plans
+from gmfx._validate import check_events, warn_short_stretches
 from gmfx.dataset import Recording
 from gmfx.storage import Location, LocationLike, RegionStore, as_location, open_dataset, plan_token, store_location
+from gmfx.storage._fingerprint import file_digest, relative_name, require_chunks, store_fingerprint
+from gmfx.storage._regions import _plan_json
 from gmfx.types import Task
 
 __all__ = ["run_preproc", "run_epochs", "run_chain", "write_lazy", "chain"]
@@ -152,7 +156,8 @@ def _write_vertex_block(location: Location, stage: str, index: int, start: int, 
     """Compute ``v`` for vertices ``start:stop`` over the whole time axis and write it (a task)."""
     (values,) = dask.compute(cloudpickle.loads(graph), scheduler="sync")
     group = zarr.open_group(**location.zarr_kwargs(), mode="r+", zarr_format=3)
-    group["v"][:, :, start:stop, :] = values
+    # every chunk is written, also an all-NaN one: a missing chunk then always means a damaged store
+    group["v"].with_config({"write_empty_chunks": True})[:, :, start:stop, :] = values
     RegionStore(location, stage).mark_done(index)
     return stop - start
 
@@ -174,7 +179,7 @@ def _pickled(arrays: Mapping[str, da.Array] | da.Array) -> bytes:
 
 
 def plan_lazy(
-    ds: xr.Dataset, location: Location, *, stage: str, source: str, overwrite: bool = False,
+    ds: xr.Dataset, location: Location, *, stage: str, source: str | Mapping[str, Any], overwrite: bool = False,
     chunk: int | None = None, vertex_chunk: int | None = None, label: str = "", scratch: bool = False,
 ) -> StorePlan:  # fmt: skip
     """Write the template of a lazy result and plan one task per chunk along its leading dimension."""
@@ -182,7 +187,7 @@ def plan_lazy(
     length = ds.sizes[lead]
     chunk = int(chunk or ds["v"].chunks[0][0])
     regions = [(i, a, min(a + chunk, length)) for i, a in enumerate(range(0, length, chunk))]
-    plan = {"regions": len(regions), "source": source, "history": ds.attrs.get("gmfx_history", []), "chunk": chunk,
+    plan = {"regions": len(regions), "inputs": source, "history": ds.attrs.get("gmfx_history", []), "chunk": chunk,
             "vertex_chunk": vertex_chunk}  # fmt: skip
     store = RegionStore(location, stage)
     encoding = _encoding(ds, timed, scratch=scratch)
@@ -203,14 +208,13 @@ def plan_lazy(
 
 
 def _plan_filtered(
-    filtered: xr.Dataset, location: Location, *, source: str, overwrite: bool, chunk: int, vertex_chunk: int, label: str
+    filtered: xr.Dataset, location: Location, *, source: Mapping[str, Any], overwrite: bool, chunk: int, vertex_chunk: int, label: str
 ) -> StorePlan:
     """Plan one task per vertex block of ``v`` (whole time axis) plus one for every other time variable."""
     _, timed = _leading(filtered)
     n_vertex = filtered.sizes["vertex"]
     blocks = [(i, a, min(a + vertex_chunk, n_vertex)) for i, a in enumerate(range(0, n_vertex, vertex_chunk))]
-    plan = {"regions": len(blocks) + 1, "source": source, "history": filtered.attrs.get("gmfx_history", []),
-            "chunk": chunk, "vertex_chunk": vertex_chunk, "layout": "vertex-blocks"}  # fmt: skip
+    plan = _filtered_plan(filtered, source, chunk, vertex_chunk)
     store = RegionStore(location, "preproc")
     done = store.prepare(_template(filtered, chunk, vertex_chunk), plan=plan, overwrite=overwrite, encoding=_encoding(filtered, timed))
     token = plan_token(location, plan)
@@ -236,6 +240,25 @@ def _plan_filtered(
             )
         )
     return StorePlan(store=store, tasks=tasks, regions=len(blocks) + 1, label=label)
+
+
+def _source_fingerprint(source: Location) -> dict[str, str]:
+    """What a preproc or epochs plan records of the store it reads; checks that none of its chunks is missing."""
+    stage = "recon" if source.name.endswith("_recon.zarr") else "preproc"
+    require_chunks(source, stage)
+    return store_fingerprint(source, stage)
+
+
+def _filtered_plan(filtered: xr.Dataset, source: Mapping[str, Any], chunk: int, vertex_chunk: int) -> dict[str, Any]:
+    blocks = -(-filtered.sizes["vertex"] // vertex_chunk)
+    return {"regions": blocks + 1, "inputs": source, "history": filtered.attrs.get("gmfx_history", []),
+            "chunk": chunk, "vertex_chunk": vertex_chunk, "layout": "vertex-blocks"}  # fmt: skip
+
+
+def _finished(location: Location, plan: Mapping[str, Any]) -> bool:
+    """True when the store at ``location`` is complete and was written with ``plan``."""
+    attrs = RegionStore(location, "preproc").attrs()
+    return bool(attrs and attrs.get("gmfx_complete") and attrs.get("gmfx_plan") == _plan_json(plan))
 
 
 def _finalize_attrs(ds: xr.Dataset, source: Location) -> dict[str, Any]:
@@ -270,12 +293,15 @@ def run_chain(
             check_options(value, getattr(ops, step), function="run_preproc", name=step)
     labels = list(labels or [t.url for t in targets])
     filter_options = _options(filter)
-    recons = [open_dataset(s, stage="recon") for s in sources]
+    if filter_options is not None:  # a too-short stretch with a face is left NaN with a warning, by default
+        filter_options = {"on_short": "nan", **filter_options}
+    recons = [ops.open_recon(s) for s in sources]  # codes-only stores get their vertices lazily
+    fingerprints = [_source_fingerprint(s) for s in sources]
     opened = [chain(ds, align=_global_references(ds, align, client), interpolate=interpolate, filter=False) for ds in recons]
     if filter_options is None:
         plans = [
-            plan_lazy(ds, t, stage="preproc", source=s.url, overwrite=overwrite, label=name)
-            for ds, s, t, name in zip(opened, sources, targets, labels, strict=True)
+            plan_lazy(ds, t, stage="preproc", source=f, overwrite=overwrite, label=name)
+            for ds, f, t, name in zip(opened, fingerprints, targets, labels, strict=True)
         ]
         for plan, ds, s in zip(plans, opened, sources, strict=True):
             plan.attrs = _finalize_attrs(ds, s)
@@ -284,22 +310,36 @@ def run_chain(
     # a filter needs whole time series: unfiltered scratch with vertex blocks, then one task per block
     chunks = [int(ds["v"].chunks[0][0]) for ds in opened]
     vertex_chunks = [_vertex_chunk(ds) for ds in opened]
+    # a finished store with the same plan needs nothing (its scratch store is gone: don't redo it)
+    requested = list(targets)
+    todo = [
+        overwrite or not _finished(t, _filtered_plan(ops.filter(ds, vertex_chunk=vchunk, **filter_options), f, chunk, vchunk))
+        for ds, f, t, chunk, vchunk in zip(opened, fingerprints, targets, chunks, vertex_chunks, strict=True)
+    ]  # fmt: skip
+    if not all(todo):
+        opened, fingerprints, sources, targets, labels, chunks, vertex_chunks = (
+            [x for x, keep in zip(column, todo, strict=True) if keep]
+            for column in (opened, fingerprints, sources, targets, labels, chunks, vertex_chunks)
+        )
     scratch = [_scratch(t) for t in targets]
     plans = []
-    for ds, s, where, name, chunk, vchunk in zip(opened, sources, scratch, labels, chunks, vertex_chunks, strict=True):
-        plans.append(plan_lazy(ds, where, stage="preproc", source=s.url, overwrite=overwrite, chunk=chunk,
+    for ds, f, where, name, chunk, vchunk in zip(opened, fingerprints, scratch, labels, chunks, vertex_chunks, strict=True):
+        plans.append(plan_lazy(ds, where, stage="preproc", source=f, overwrite=overwrite, chunk=chunk,
                                vertex_chunk=vchunk, label=name, scratch=True))  # fmt: skip
     execute_plans(client, plans, description="preproc (align, interpolate)", progress=progress)
+    if filter_options.get("on_short", "error") == "nan":
+        for where, name in zip(scratch, labels, strict=True):
+            warn_short_stretches(open_dataset(where, stage="preproc"), filter_options, recording=name)
     plans = []
-    for s, where, t, name, chunk, vchunk in zip(sources, scratch, targets, labels, chunks, vertex_chunks, strict=True):
+    for s, f, where, t, name, chunk, vchunk in zip(sources, fingerprints, scratch, targets, labels, chunks, vertex_chunks, strict=True):
         filtered = ops.filter(open_dataset(where, stage="preproc"), vertex_chunk=vchunk, **filter_options)
-        plan = _plan_filtered(filtered, t, source=s.url, overwrite=overwrite, chunk=chunk, vertex_chunk=vchunk, label=name)
+        plan = _plan_filtered(filtered, t, source=f, overwrite=overwrite, chunk=chunk, vertex_chunk=vchunk, label=name)
         plan.attrs = _finalize_attrs(filtered, s)
         plans.append(plan)
     execute_plans(client, plans, description="preproc (filter)", progress=progress)
     for where in scratch:
         RegionStore(where, "preproc").delete()
-    return list(targets)
+    return requested
 
 
 def run_preproc(
@@ -350,9 +390,19 @@ def run_epochs(
                 where=posixpath.dirname(recording.video.url),
                 fix=f"add {recording.name}_events.tsv (onset, duration, trial_type) next to the video",
             )
+        check_events(recording.events, anchor=options.get("anchor", "onset"), where=recording.events.url)
         source = store_location(out, recording, "preproc")
+        inputs = {
+            **_source_fingerprint(source),
+            "events": relative_name(recording.events, recording.root),
+            "events_digest": file_digest(recording.events),
+        }
         result = ops.epoch(open_dataset(source, stage="preproc"), recording.events, **options)
-        plan = plan_lazy(result, store_location(out, recording, "epoch"), stage="epoch", source=source.url,
+        # the plan names the events file by its path in the dataset (a moved dataset keeps its plan)
+        history = [entry.replace(json.dumps(recording.events.url)[1:-1], inputs["events"])
+                   for entry in result.attrs.get("gmfx_history", [])]  # fmt: skip
+        result.attrs["gmfx_history"] = history
+        plan = plan_lazy(result, store_location(out, recording, "epoch"), stage="epoch", source=inputs,
                          overwrite=overwrite, chunk=_EPOCHS_PER_REGION, label=recording.name)  # fmt: skip
         plan.attrs = _finalize_attrs(result, source)
         plans.append(plan)

@@ -31,6 +31,8 @@ from gmfx.models import Backend, Face, get_backend, load_backend
 from gmfx.models._output import pack_faces
 from gmfx.models._tracking import segment_ends, stitch_segments
 from gmfx.storage import Location, LocationLike, RegionStore, as_location, open_dataset, plan_token, store_location
+from gmfx.storage._fingerprint import require_chunks, store_fingerprint
+from gmfx.storage._retry import is_transient
 from gmfx.types import STAGES, Region, Task, split_regions
 
 __all__ = ["STAGE", "LowDetectionWarning", "plan_recon", "run_recon", "stitch_store"]
@@ -59,11 +61,13 @@ def plan_recon(
     segment_frames: int = SEGMENT_FRAMES,
     model_options: Mapping[str, Any] | None = None,
     client: Client | None = None,
+    save_vertices: bool = False,
 ) -> StorePlan:
     """Write the recon store's template for ``recording`` and plan a task per unfinished segment.
 
     The frames store must be complete. ``device="auto"`` is resolved with ``client``'s workers when
-    given (cpu otherwise).
+    given (cpu otherwise). Models whose vertices follow from their codes (``derives_vertices``) store
+    codes and ``mat`` only, unless ``save_vertices``.
     """
     backend = get_backend(model)
     device = resolve_device(backend, device, client)
@@ -83,14 +87,16 @@ def plan_recon(
     plan = {
         "regions": len(regions),
         "region_frames": region_frames,
-        "frames_store": frames_location.url,
-        "frames_plan": frames.attrs.get("gmfx_plan"),
+        "inputs": {"frames": store_fingerprint(frames_location, "decode")},
         "model": backend.name,
         "model_version": backend.version,
         "model_options": options,
         "device": device,
         "max_faces": max_faces,
     }
+    store_vertices = save_vertices or not backend.derives_vertices
+    if not store_vertices:
+        plan["vertices"] = "derived from codes"
     attrs = {
         "model": backend.name,
         "model_version": backend.version,
@@ -102,7 +108,7 @@ def plan_recon(
         **_provenance(backend, options),
     }
     store = RegionStore(store_location(out, recording, "recon"), STAGE.name)
-    template = recon_template(backend, frames, max_faces=max_faces, region_frames=region_frames)
+    template = recon_template(backend, frames, max_faces=max_faces, region_frames=region_frames, store_vertices=store_vertices)
     done = store.prepare(template, plan=plan, overwrite=overwrite)
     token = plan_token(store.location, plan)
     resources = {"GPU": 1} if device.startswith("cuda") else None
@@ -110,7 +116,7 @@ def plan_recon(
         Task(
             key=f"recon-{token}-{region.index:06d}",
             function=reconstruct_region,
-            args=(backend, device, options, frames_location, store.location, region, max_faces, batch),
+            args=(backend, device, options, frames_location, store.location, region, max_faces, batch, store_vertices),
             resources=resources,
             weight=len(region),
         )
@@ -134,6 +140,7 @@ def run_recon(
     segment_frames: int = SEGMENT_FRAMES,
     model_options: Mapping[str, Any] | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    save_vertices: bool = False,
 ) -> list[Location]:
     """Reconstruct every recording's faces on the cluster; return the recon stores' locations.
 
@@ -163,20 +170,24 @@ def run_recon(
             segment_frames=segment_frames,
             model_options=model_options,
             client=client,
+            save_vertices=save_vertices,
         )
         for recording in recordings
     ]
     run_tasks(client, [task for plan in plans for task in plan.tasks], description="recon", progress=progress)
     for plan in plans:
-        if max_faces > 1:
+        if max_faces > 1 and not plan.store.is_complete():
             stitch_store(plan.store, max_faces)
         plan.store.finalize(plan.attrs)
         _warn_if_few_faces(plan.store)
     return [plan.store.location for plan in plans]
 
 
-def recon_template(backend: type[Backend], frames: xr.Dataset, *, max_faces: int, region_frames: int) -> xr.Dataset:
-    """The recon store's layout: lazy NaN arrays along time, the topology and coordinates in full."""
+def recon_template(
+    backend: type[Backend], frames: xr.Dataset, *, max_faces: int, region_frames: int, store_vertices: bool = True
+) -> xr.Dataset:
+    """The recon store's layout: lazy NaN arrays along time, the topology and coordinates in full
+    (without ``v`` when not ``store_vertices``)."""
     n = frames.sizes["time"]
     topology = backend.topology()
     n_vertices = topology.n_vertices
@@ -203,6 +214,8 @@ def recon_template(backend: type[Backend], frames: xr.Dataset, *, max_faces: int
             lazy((max_faces, backend.outputs.n_landmarks, 3), "float32", np.nan),
             {"space": "world", "units": backend.units},
         )
+    if not store_vertices:
+        del data["v"]
     if topology.rigid_weight is not None:
         data["rigid_weight"] = (("vertex",), np.asarray(topology.rigid_weight, dtype=np.float32))
     coords = {
@@ -223,6 +236,7 @@ def reconstruct_region(
     region: Region,
     max_faces: int,
     batch_size: int,
+    store_vertices: bool = True,
 ) -> int:
     """Task body: reconstruct ``region`` of the frames and write it; return the frames with a face."""
     model = load_backend(backend, device, dict(options))
@@ -230,7 +244,7 @@ def reconstruct_region(
         sys.modules["torch"].set_num_threads(1)  # one core per worker process on CPU
     model.reset()
     faces: list[list[Face]] = []
-    for start, batch in _read_ahead(_frames_array(frames_location), region, batch_size):
+    for start, batch in _read_ahead(_frames_array(frames_location), region, batch_size, where=frames_location.url):
         found = model.reconstruct(batch, max_faces=max_faces)
         if len(found) != len(batch):
             raise ModelError(
@@ -240,17 +254,32 @@ def reconstruct_region(
             )
         faces.extend(found)
     arrays = pack_faces(faces, backend, max_faces=max_faces, first_frame=region.start)
+    if not store_vertices:
+        del arrays["v"]
     RegionStore(store_location_, STAGE.name).write_region(region.index, region.slice, arrays)
     return int(arrays["detected"].any(axis=1).sum())
 
 
-def _read_ahead(frames: zarr.Array, region: Region, batch_size: int) -> Iterator[tuple[int, np.ndarray]]:
+def _read_ahead(frames: zarr.Array, region: Region, batch_size: int, *, where: str) -> Iterator[tuple[int, np.ndarray]]:
     """``(start, frames)`` batches of ``region``; the next batch is read (and decompressed) in a
-    background thread while the caller works on the current one."""
+    background thread while the caller works on the current one. A chunk that cannot be decoded (a
+    truncated file) raises a :class:`StorageError` naming the store and the chunks."""
     starts = list(range(region.start, region.stop, batch_size))
 
     def read(start: int) -> np.ndarray:
-        return frames[start : min(start + batch_size, region.stop)]
+        stop = min(start + batch_size, region.stop)
+        try:
+            return frames[start:stop]
+        except Exception as error:  # noqa: BLE001
+            if is_transient(error):
+                raise  # the task is retried
+            step = frames.chunks[0]
+            chunks = ", ".join(f"frames/{frames.metadata.encode_chunk_key((i, 0, 0, 0))}" for i in range(start // step, -(-stop // step)))
+            raise StorageError(
+                f"frames {start}-{stop - 1} of the decode store cannot be read ({type(error).__name__}: {error})",
+                where=f"{where} (chunks {chunks})",
+                fix="the store is damaged: rewrite it with gmfx decode --overwrite, or copy it again",
+            ) from error
 
     with ThreadPoolExecutor(max_workers=1) as reader:
         pending = reader.submit(read, starts[0]) if starts else None
@@ -270,9 +299,10 @@ def stitch_store(store: RegionStore, max_faces: int) -> None:
     ds = store.open(require_complete=False)
     plan = json.loads(ds.attrs["gmfx_plan"])
     regions = split_regions(ds.sizes["time"], plan["region_frames"])
-    xy = ds["v"].isel(coord=[0, 1])
-    centroid = xy.mean("vertex").values
-    size = (xy.max("vertex") - xy.min("vertex")).max("coord").values
+    points, axis = (ds["v"], "vertex") if "v" in ds else (ds["landmarks"], "landmark")  # codes-only stores keep landmarks
+    xy = points.isel(coord=[0, 1])
+    centroid = xy.mean(axis).values
+    size = (xy.max(axis) - xy.min(axis)).max("coord").values
     first, last, sizes = segment_ends(ds["detected"].values, centroid, size, regions)
     face_variables = [name for name, var in ds.data_vars.items() if "face" in var.dims and "time" in var.dims]
     for region, perm in zip(regions, stitch_segments(first, last, sizes)):
@@ -334,6 +364,7 @@ def _open_frames(location: Location) -> xr.Dataset:
             where=location.url,
             fix="rewrite it with this gmfx: gmfx decode --overwrite",
         )
+    require_chunks(location, "decode")  # a missing chunk would read as black frames
     return frames
 
 

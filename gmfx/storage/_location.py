@@ -105,14 +105,14 @@ def as_location(value: LocationLike, storage_options: Mapping[str, Any] | None =
 
 def parse_storage_options(pairs: list[str] | None) -> dict[str, Any]:
     """Turn ``KEY=VALUE`` strings into storage options (see :func:`parse_key_values`)."""
-    return parse_key_values(pairs, where="--storage-option")
+    return parse_key_values(pairs, where="--storage-option", text_keys=_SECRET_WORDS)
 
 
-def parse_key_values(pairs: list[str] | None, *, where: str) -> dict[str, Any]:
+def parse_key_values(pairs: list[str] | None, *, where: str, text_keys: tuple[str, ...] = ()) -> dict[str, Any]:
     """Turn ``KEY=VALUE`` strings into a dict of options.
 
     Dotted keys nest (``client_kwargs.endpoint_url=http://...``); ``true``/``false``/numbers are
-    converted.
+    converted, except for keys containing one of ``text_keys`` (an access key of digits stays text).
     """
     from gmfx._errors import ParameterError
 
@@ -126,7 +126,9 @@ def parse_key_values(pairs: list[str] | None, *, where: str) -> dict[str, Any]:
                 fix=f"write it as KEY=VALUE, e.g. {where} name=value",
             )
         value: Any = raw
-        if raw.lower() in {"true", "false"}:
+        if any(word in key.rsplit(".", 1)[-1].lower() for word in text_keys):
+            pass
+        elif raw.lower() in {"true", "false"}:
             value = raw.lower() == "true"
         else:
             for convert in (int, float):

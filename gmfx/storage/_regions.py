@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import posixpath
+import uuid
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -28,6 +30,7 @@ from gmfx.storage._retry import is_transient, retry_transient
 __all__ = ["RegionStore", "open_dataset", "open_store", "plan_token"]
 
 _MARKERS = "_gmfx/regions"
+log = logging.getLogger(__name__)
 
 
 def _plan_json(plan: Mapping[str, Any]) -> str:
@@ -71,7 +74,14 @@ class RegionStore:
             return None
         except Exception as error:  # noqa: BLE001
             raise self._error("cannot be read", error) from error
-        return json.loads(raw).get("attributes", {})
+        try:
+            return json.loads(raw).get("attributes", {})
+        except (ValueError, AttributeError) as error:  # a truncated or foreign zarr.json
+            raise StorageError(
+                f"the {self.stage} store is damaged: its zarr.json is not valid metadata ({type(error).__name__}: {error})",
+                where=posixpath.join(self.location.url, "zarr.json"),
+                fix=f"rerun gmfx {self.stage} with --overwrite to replace the store, or restore it from a copy",
+            ) from error
 
     def is_complete(self) -> bool:
         attrs = self.attrs()
@@ -80,10 +90,24 @@ class RegionStore:
     def done_regions(self) -> set[int]:
         """Indices of the regions that have a completion marker."""
         fs, path = self.location.filesystem()
+
+        def listing() -> list[str]:
+            try:
+                return fs.ls(posixpath.join(path, _MARKERS), detail=False)
+            except FileNotFoundError:
+                return []
+
         try:
-            names = fs.ls(posixpath.join(path, _MARKERS), detail=False)
-        except FileNotFoundError:
-            return set()
+            names = retry_transient(
+                listing,
+                what=f"listing the finished regions of the {self.stage} store",
+                where=self.location.url,
+                redactor=lambda text: redact(text, self.location.storage_options),
+            )
+        except StorageError:
+            raise
+        except Exception as error:  # noqa: BLE001 - e.g. access denied: one clear message
+            raise self._error("cannot be listed", error) from error
         return {int(posixpath.basename(n.rstrip("/"))) for n in names if posixpath.basename(n).isdigit()}
 
     # -- writing -----------------------------------------------------------------------------------
@@ -93,13 +117,20 @@ class RegionStore:
         """Write the template unless a store with the same plan exists; return the regions already done.
 
         ``plan`` describes everything that determines the store's bytes (inputs, parameters, region
-        boundaries). A store written with another plan is an error unless ``overwrite`` is true.
+        boundaries). A store written with another plan is an error unless ``overwrite`` is true; one whose
+        ``plan["inputs"]`` (fingerprints of what the stage reads) differ is stale and is rewritten with a
+        warning, so a changed input is never reused. With ``overwrite`` the existing store
+        is not read at all (a damaged one is replaced too).
         """
         plan_json = _plan_json(plan)
-        attrs = self.attrs()
-        if attrs is not None and not overwrite:
+        attrs = None if overwrite else self.attrs()
+        if attrs is not None:
             if attrs.get("gmfx_plan") == plan_json:
                 return set(range(attrs["gmfx_regions"])) if attrs.get("gmfx_complete") else self.done_regions()
+            if _inputs_changed(attrs.get("gmfx_plan"), plan):
+                log.warning("the inputs of the %s store %s changed since it was written: recomputing it", self.stage, self.location.url)
+                attrs = None
+        if attrs is not None:
             raise StorageError(
                 f"a {self.stage} store written with other inputs or parameters already exists",
                 where=self.location.url,
@@ -163,8 +194,12 @@ class RegionStore:
         fs.pipe_file(posixpath.join(markers, f"{index:06d}"), b"done")
 
     def finalize(self, extra_attrs: Mapping[str, Any] | None = None) -> None:
-        """Mark the store complete and consolidate its metadata, after checking every region is in."""
+        """Mark the store complete and consolidate its metadata, after checking every region is in.
+
+        A store that is complete already is left as it is (not rewritten: it may be read-only)."""
         attrs = self.attrs() or {}
+        if attrs.get("gmfx_complete"):
+            return
         missing = sorted(set(range(attrs.get("gmfx_regions", 0))) - self.done_regions())
         if missing:
             raise IncompleteStoreError(
@@ -174,7 +209,9 @@ class RegionStore:
                 fix=f"rerun gmfx {self.stage}: it resumes and writes only the missing regions",
             )
         group = self._group("r+")
-        group.attrs.update({**(extra_attrs or {}), "gmfx_complete": True})
+        # a new token each time the store is completed: readers' plans record it, so a store redone with
+        # --overwrite (even with the same plan) makes the stages that read it recompute
+        group.attrs.update({**(extra_attrs or {}), "gmfx_complete": True, "gmfx_completion": uuid.uuid4().hex})
         with warnings.catch_warnings():  # our _gmfx/ markers and v3 consolidation are expected
             warnings.filterwarnings("ignore", message=".*(not recognized as a component|Consolidated metadata).*")
             zarr.consolidate_metadata(group.store)
@@ -204,6 +241,20 @@ class RegionStore:
             where=self.location.url,
             fix="check the URL, that the bucket or folder exists and is writable, and the credentials",
         )
+
+
+def _inputs_changed(stored_json: Any, plan: Mapping[str, Any]) -> bool:
+    """True when the stored plan and ``plan`` both fingerprint their ``inputs`` and these differ.
+
+    Such a store is stale whatever its parameters (they may follow from the inputs, e.g. the rigid
+    vertices an alignment found), so nothing valid is lost by rewriting it."""
+    try:
+        stored = json.loads(stored_json)
+    except (TypeError, ValueError):
+        return False
+    if not isinstance(stored, dict) or "inputs" not in stored or "inputs" not in plan:
+        return False
+    return stored["inputs"] != json.loads(_plan_json(plan))["inputs"]
 
 
 def open_dataset(location: Location, *, stage: str, require_complete: bool = True) -> xr.Dataset:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -20,15 +19,29 @@ _PERMANENT = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirecto
 
 def storage_retries() -> int:
     """How many times a storage operation is retried (``GMFX_STORAGE_RETRIES``, default 5)."""
-    return int(os.environ.get("GMFX_STORAGE_RETRIES", "5"))
+    from gmfx._validate import check_storage_retries
+
+    return check_storage_retries()
+
+
+#: errors of botocore/aiohttp (not ``OSError`` subclasses) that mean a dropped or refused connection;
+#: matched by class name so that gmfx does not import either library
+_TRANSIENT_NAMES = frozenset({
+    "EndpointConnectionError", "ConnectionClosedError", "ConnectTimeoutError", "ReadTimeoutError",
+    "ProxyConnectionError", "HTTPClientError", "ClientConnectionError", "ServerDisconnectedError",
+    "ClientPayloadError", "ResponseStreamingError",
+})  # fmt: skip
 
 
 def is_transient(error: BaseException) -> bool:
-    """True for errors worth retrying: connection, timeout and other I/O errors that are not final.
+    """True for errors worth retrying: connection, timeout and other I/O errors that are not final,
+    including botocore's and aiohttp's connection errors (a dropped S3 connection).
 
     A :class:`GmfxError` is never transient: gmfx raised it on purpose, and a retry would give it again."""
     if isinstance(error, (GmfxError, *_PERMANENT)):
         return False
+    if any(cls.__name__ in _TRANSIENT_NAMES for cls in type(error).__mro__):
+        return True
     return isinstance(error, (OSError, TimeoutError, ConnectionError))
 
 
