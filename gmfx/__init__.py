@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # the same names, imported for type checkers and IDEs
     from gmfx.cluster import connect
     from gmfx.dataset import Recording, find_recordings
     from gmfx.models import Backend, Topology, available_backends, get_backend, register_backend
+    from gmfx.models.deca import flame_vertices
     from gmfx.pipeline import RecordingSummary, run_pipeline
     from gmfx.preproc import MOTION_PARAMS, align, epoch, filter, interpolate, open_recon
     from gmfx.preproc import evoked, to_mne
@@ -68,6 +69,7 @@ _LAZY = {
     "available_backends": "gmfx.models",
     "get_backend": "gmfx.models",
     "register_backend": "gmfx.models",
+    "flame_vertices": "gmfx.models.deca",
     "RecordingSummary": "gmfx.pipeline",
     "run_pipeline": "gmfx.pipeline",
     "MOTION_PARAMS": "gmfx.preproc",
@@ -143,6 +145,7 @@ __all__ = [
     "available_backends",
     "get_backend",
     "register_backend",
+    "flame_vertices",
     # rendering and quality control
     "ViewOptions",
     "run_render",

@@ -10,6 +10,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import os
 import re
 import sys
 import typing
@@ -289,6 +290,10 @@ def recon(
         list[str] | None,
         typer.Option(metavar="KEY=VALUE", help="Option for the model, e.g. min_detection_confidence=0.3; repeatable."),
     ] = None,
+    model_dir: Annotated[str | None, typer.Option("--model-dir", metavar="URL", help="FLAME family: folder or URL of the model files [default: $GMFX_MODEL_DIR].")] = None,
+    detector: Annotated[str | None, typer.Option(metavar="NAME", help="FLAME family: face boxes from mediapipe (default) or fan (face-alignment).")] = None,
+    precision: Annotated[str | None, typer.Option(metavar="DTYPE", help="FLAME family: encoder precision float32 (default), float16 or bfloat16.")] = None,
+    save_vertices: Annotated[bool, typer.Option("--save-vertices", help="FLAME family: store vertices too (by default they are derived from the codes on read).")] = False,
     render: Annotated[
         bool, typer.Option("--render", help="Also write the original tool's videos: the mesh in world space and over the frames.")
     ] = False,
@@ -305,6 +310,10 @@ def recon(
     """
     from gmfx.stages.recon import run_recon
 
+    options = parse_key_values(model_option, where="--model-option")
+    if model_dir:  # the client reads the topology, the workers (started below) the weights, from there
+        os.environ["GMFX_MODEL_DIR"] = options["model_dir"] = model_dir
+    options.update({k: v for k, v in (("detector", detector), ("precision", precision)) if v is not None})
     recordings = sel.recordings()
     with sel.client(gpus=_local_gpus(sel, device)) as client:
         stores = run_recon(
@@ -316,9 +325,10 @@ def recon(
             batch_size=batch_size,
             max_faces=max_faces,
             segment_frames=segment_frames,
-            model_options=parse_key_values(model_option, where="--model-option"),
+            model_options=options,
             overwrite=sel.overwrite,
             progress=sel.progress,
+            save_vertices=save_vertices,
         )
         if render:
             stores = [*stores, *_recon_videos(sel, recordings, client)]
@@ -606,16 +616,39 @@ def qc(sel: Selection) -> None:
     typer.echo(str(qc_report(sel.recordings(), sel.out)))
 
 
-@app.command()
-def models() -> None:
-    """List the installed reconstruction models and what they declare.
+models_app = typer.Typer(
+    help="List the reconstruction models, their files (present or missing) and where to get them.",
+    rich_markup_mode=None,
+    add_completion=False,
+)
+app.add_typer(models_app, name="models")
+ModelDirOpt = Annotated[
+    str | None,
+    typer.Option("--model-dir", metavar="URL", help="Folder or URL of the model files [default: $GMFX_MODEL_DIR, else ~/.cache/gmfx/models].", show_default=False),
+]
 
-    Example:
+
+@models_app.callback(invoke_without_command=True)
+def models(ctx: typer.Context, model_dir: ModelDirOpt = None, storage_option: StorageOpt = None) -> None:
+    """List the installed reconstruction models, what they declare and the model files each needs.
+
+    Examples:
 
       gmfx models
-    """
-    from gmfx.models import available_backends, get_backend
 
+      gmfx models --model-dir s3://lab/models -s client_kwargs.endpoint_url=http://127.0.0.1:9000
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from gmfx.models import available_backends, get_backend
+    from gmfx.models._files import model_dir as resolve_model_dir
+    from gmfx.models._files import model_file_status
+
+    options = parse_storage_options(storage_option)
+    if model_dir:  # the FLAME family reads its topology from there
+        os.environ["GMFX_MODEL_DIR"] = model_dir
+    root = resolve_model_dir(model_dir, options)
+    typer.echo(f"model directory: {root.url}")
     for name in available_backends():
         try:
             backend = get_backend(name)
@@ -624,7 +657,52 @@ def models() -> None:
             continue
         devices = "/".join(backend.devices) + (" (GPU required)" if backend.requires_gpu else "")
         codes = ", ".join(f"{code} ({size})" for code, size in backend.outputs.codes.items()) or "none"
-        typer.echo(f"{name} (version {backend.version}): {backend.topology().n_vertices} vertices, devices {devices}, codes {codes}")
+        status = model_file_status(backend, root)
+        try:
+            vertices = f"{backend.topology().n_vertices} vertices"
+        except GmfxError:
+            vertices = "vertices unknown until its files are present"
+        typer.echo(f"{name} (version {backend.version}): {vertices}, devices {devices}, codes {codes}")
+        for spec, found in status:
+            if found is not None:
+                typer.echo(f"  present  {spec.description}: {found.url}")
+            else:
+                typer.echo(f"  MISSING  {spec.description} ({' or '.join(spec.paths)}): {spec.obtain}")
+
+
+@models_app.command("import-flame")
+def import_flame(
+    file: Annotated[str, typer.Argument(metavar="FILE", help="FLAME .pkl (generic_model.pkl, flame2023.pkl, ...).", show_default=False)],
+    model_dir: ModelDirOpt = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", metavar="URL", help="Where to write the .npz [default: FLAME2020/generic_model.npz in the model directory].")] = None,
+    storage_option: StorageOpt = None,
+) -> None:
+    """Convert a FLAME .pkl once into a pickle-free .npz that gmfx reads (checked key by key).
+
+    The .pkl is read by gmfx's restricted unpickler (chumpy and SciPy objects become arrays; anything
+    else is refused). Example:
+
+      gmfx models import-flame ~/Downloads/FLAME2020/generic_model.pkl --model-dir /lab/models
+    """
+    from gmfx.models._files import model_dir as resolve_model_dir
+    from gmfx.models._flame import read_flame, write_flame_npz
+
+    options = parse_storage_options(storage_option)
+    try:
+        source = Location(file, options)
+        if not source.exists():
+            raise GmfxError(f"no file {file}", where=file, fix="give the path of the FLAME .pkl")
+        with source.open("rb") as handle:
+            model = read_flame(handle.read(), where=source.url)
+        target = Location(out, options) if out else resolve_model_dir(model_dir, options).child("FLAME2020", "generic_model.npz")
+        fs, path = target.filesystem()
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        with target.open("wb") as handle:
+            write_flame_npz(model, handle)
+    except GmfxError as error:
+        typer.echo(redact(f"error: {error}", options), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{target.url} ({model.n_vertices} vertices, {len(model.faces)} triangles, {model.n_expression} expression components)")
 
 
 @app.command()

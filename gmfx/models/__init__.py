@@ -23,6 +23,7 @@ __all__ = [
     "get_backend",
     "load_backend",
     "register_backend",
+    "with_vertices",
 ]
 
 ENTRY_POINT_GROUP = "gmfx.models"
@@ -100,3 +101,14 @@ def load_backend(backend: type[Backend], device: str, options: dict[str, Any] | 
                     fix="check the model's files and options, or choose another --device",
                 ) from error
         return _loaded[key]
+
+
+def with_vertices(ds):
+    """``ds`` with a lazy ``v`` when it is a recon store of a model that derives its vertices from
+    codes (``Backend.derives_vertices``) and was written without them; otherwise ``ds`` as it is."""
+    if "v" in ds.variables or "model" not in ds.attrs:
+        return ds
+    backend = get_backend(ds.attrs["model"])
+    if not backend.derives_vertices:
+        return ds
+    return ds.assign(v=backend.vertices(ds))

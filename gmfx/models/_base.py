@@ -120,6 +120,9 @@ class Backend(ABC):
         Units of the world-space vertices (e.g. ``"pixels"``).
     outputs
         Codes and landmarks returned per face.
+    derives_vertices
+        The vertices are a function of the stored codes and ``mat`` (:meth:`vertices`), so the recon
+        store keeps only those unless asked to save the vertices too.
     """
 
     name: ClassVar[str]
@@ -129,6 +132,7 @@ class Backend(ABC):
     batch_size: ClassVar[int] = 32
     units: ClassVar[str] = "pixels"
     outputs: ClassVar[Outputs] = Outputs()
+    derives_vertices: ClassVar[bool] = False
 
     @classmethod
     @abstractmethod
@@ -147,6 +151,12 @@ class Backend(ABC):
         Returns one list per frame with at most ``max_faces`` faces, in any order (gmfx tracks them),
         and an empty list for a frame without a face.
         """
+
+    @classmethod
+    def vertices(cls, ds: Any) -> Any:
+        """The lazy ``v`` (time, face, vertex, coord) of a recon store ``ds`` written without vertices
+        (backends with ``derives_vertices`` implement it)."""
+        raise NotImplementedError(f"the model {cls.name!r} stores its vertices")
 
     def reset(self) -> None:
         """Forget any state carried between frames (called at the start of every time segment)."""

@@ -51,8 +51,11 @@ _FRAMES_RECIPE = "_gmfx_frames"
 
 
 def open_recon(location: LocationLike, storage_options: Mapping[str, Any] | None = None) -> xr.Dataset:
-    """Open a finished recon store lazily (a path, URL with ``storage_options``, or :class:`Location`)."""
-    return open_dataset(as_location(location, storage_options), stage="recon")
+    """Open a finished recon store lazily (a path, URL with ``storage_options``, or :class:`Location`);
+    the vertices of codes-only FLAME stores are derived lazily from their codes."""
+    from gmfx.models import with_vertices
+
+    return with_vertices(open_dataset(as_location(location, storage_options), stage="recon"))
 
 
 # -- shared helpers -------------------------------------------------------------------------------

@@ -272,7 +272,7 @@ def run_chain(
             check_options(value, getattr(ops, step), function="run_preproc", name=step)
     labels = list(labels or [t.url for t in targets])
     filter_options = _options(filter)
-    recons = [open_dataset(s, stage="recon") for s in sources]
+    recons = [ops.open_recon(s) for s in sources]  # codes-only stores get their vertices lazily
     opened = [chain(ds, align=_global_references(ds, align, client), interpolate=interpolate, filter=False) for ds in recons]
     if filter_options is None:
         plans = [

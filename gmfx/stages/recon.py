@@ -59,11 +59,13 @@ def plan_recon(
     segment_frames: int = SEGMENT_FRAMES,
     model_options: Mapping[str, Any] | None = None,
     client: Client | None = None,
+    save_vertices: bool = False,
 ) -> StorePlan:
     """Write the recon store's template for ``recording`` and plan a task per unfinished segment.
 
     The frames store must be complete. ``device="auto"`` is resolved with ``client``'s workers when
-    given (cpu otherwise).
+    given (cpu otherwise). Models whose vertices follow from their codes (``derives_vertices``) store
+    codes and ``mat`` only, unless ``save_vertices``.
     """
     backend = get_backend(model)
     device = resolve_device(backend, device, client)
@@ -91,6 +93,9 @@ def plan_recon(
         "device": device,
         "max_faces": max_faces,
     }
+    store_vertices = save_vertices or not backend.derives_vertices
+    if not store_vertices:
+        plan["vertices"] = "derived from codes"
     attrs = {
         "model": backend.name,
         "model_version": backend.version,
@@ -102,7 +107,7 @@ def plan_recon(
         **_provenance(backend, options),
     }
     store = RegionStore(store_location(out, recording, "recon"), STAGE.name)
-    template = recon_template(backend, frames, max_faces=max_faces, region_frames=region_frames)
+    template = recon_template(backend, frames, max_faces=max_faces, region_frames=region_frames, store_vertices=store_vertices)
     done = store.prepare(template, plan=plan, overwrite=overwrite)
     token = plan_token(store.location, plan)
     resources = {"GPU": 1} if device.startswith("cuda") else None
@@ -110,7 +115,7 @@ def plan_recon(
         Task(
             key=f"recon-{token}-{region.index:06d}",
             function=reconstruct_region,
-            args=(backend, device, options, frames_location, store.location, region, max_faces, batch),
+            args=(backend, device, options, frames_location, store.location, region, max_faces, batch, store_vertices),
             resources=resources,
             weight=len(region),
         )
@@ -134,6 +139,7 @@ def run_recon(
     segment_frames: int = SEGMENT_FRAMES,
     model_options: Mapping[str, Any] | None = None,
     storage_options: Mapping[str, Any] | None = None,
+    save_vertices: bool = False,
 ) -> list[Location]:
     """Reconstruct every recording's faces on the cluster; return the recon stores' locations.
 
@@ -163,6 +169,7 @@ def run_recon(
             segment_frames=segment_frames,
             model_options=model_options,
             client=client,
+            save_vertices=save_vertices,
         )
         for recording in recordings
     ]
@@ -175,8 +182,11 @@ def run_recon(
     return [plan.store.location for plan in plans]
 
 
-def recon_template(backend: type[Backend], frames: xr.Dataset, *, max_faces: int, region_frames: int) -> xr.Dataset:
-    """The recon store's layout: lazy NaN arrays along time, the topology and coordinates in full."""
+def recon_template(
+    backend: type[Backend], frames: xr.Dataset, *, max_faces: int, region_frames: int, store_vertices: bool = True
+) -> xr.Dataset:
+    """The recon store's layout: lazy NaN arrays along time, the topology and coordinates in full
+    (without ``v`` when not ``store_vertices``)."""
     n = frames.sizes["time"]
     topology = backend.topology()
     n_vertices = topology.n_vertices
@@ -203,6 +213,8 @@ def recon_template(backend: type[Backend], frames: xr.Dataset, *, max_faces: int
             lazy((max_faces, backend.outputs.n_landmarks, 3), "float32", np.nan),
             {"space": "world", "units": backend.units},
         )
+    if not store_vertices:
+        del data["v"]
     if topology.rigid_weight is not None:
         data["rigid_weight"] = (("vertex",), np.asarray(topology.rigid_weight, dtype=np.float32))
     coords = {
@@ -223,6 +235,7 @@ def reconstruct_region(
     region: Region,
     max_faces: int,
     batch_size: int,
+    store_vertices: bool = True,
 ) -> int:
     """Task body: reconstruct ``region`` of the frames and write it; return the frames with a face."""
     model = load_backend(backend, device, dict(options))
@@ -240,6 +253,8 @@ def reconstruct_region(
             )
         faces.extend(found)
     arrays = pack_faces(faces, backend, max_faces=max_faces, first_frame=region.start)
+    if not store_vertices:
+        del arrays["v"]
     RegionStore(store_location_, STAGE.name).write_region(region.index, region.slice, arrays)
     return int(arrays["detected"].any(axis=1).sum())
 
@@ -270,9 +285,10 @@ def stitch_store(store: RegionStore, max_faces: int) -> None:
     ds = store.open(require_complete=False)
     plan = json.loads(ds.attrs["gmfx_plan"])
     regions = split_regions(ds.sizes["time"], plan["region_frames"])
-    xy = ds["v"].isel(coord=[0, 1])
-    centroid = xy.mean("vertex").values
-    size = (xy.max("vertex") - xy.min("vertex")).max("coord").values
+    points, axis = (ds["v"], "vertex") if "v" in ds else (ds["landmarks"], "landmark")  # codes-only stores keep landmarks
+    xy = points.isel(coord=[0, 1])
+    centroid = xy.mean(axis).values
+    size = (xy.max(axis) - xy.min(axis)).max("coord").values
     first, last, sizes = segment_ends(ds["detected"].values, centroid, size, regions)
     face_variables = [name for name, var in ds.data_vars.items() if "face" in var.dims and "time" in var.dims]
     for region, perm in zip(regions, stitch_segments(first, last, sizes)):

@@ -8,6 +8,8 @@
 - fault injection for storage (:class:`FlakyFileSystem`, ``flaky://`` URLs);
 - a conformance check for reconstruction backends (:func:`check_backend`) and two tiny real backends;
 - a real-face video with known head motion (:func:`astronaut_motion`; needs scikit-image);
+- face-model files in the official formats with random values (FLAME, DECA, EMOCA:
+  :func:`write_model_dir`, :func:`write_flame_pkl`, ...);
 - meshes to render at known poses, and a photo's face re-rendered at a known yaw and pitch
   (:func:`random_face_meshes`, :func:`textured_face`, :func:`rotation`).
 """
@@ -15,6 +17,13 @@
 from gmfx.testing._backends import BrightSquareBackend, GpuBrightSquareBackend, check_backend
 from gmfx.testing._faces import FaceMotion, astronaut_motion
 from gmfx.testing._flaky import FlakyFileSystem
+from gmfx.testing._model_files import (
+    write_deca_model,
+    write_emoca_model,
+    write_flame_pkl,
+    write_landmark_embedding,
+    write_model_dir,
+)
 from gmfx.testing._s3 import local_s3_server, make_bucket, s3_storage_options
 from gmfx.testing._synthetic import SyntheticFace, synthetic_face, synthetic_recon_dataset, write_synthetic_recon
 from gmfx.testing._videos import frame_pattern, read_frame_number, write_bids_recording, write_video
@@ -36,6 +45,11 @@ __all__ = [
     "synthetic_face",
     "synthetic_recon_dataset",
     "write_bids_recording",
+    "write_deca_model",
+    "write_emoca_model",
+    "write_flame_pkl",
+    "write_landmark_embedding",
+    "write_model_dir",
     "write_synthetic_recon",
     "write_video",
     "random_face_meshes",
