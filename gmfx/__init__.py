@@ -37,6 +37,7 @@ if TYPE_CHECKING:  # the same names, imported for type checkers and IDEs
     from gmfx.models.deca import flame_vertices
     from gmfx.pipeline import RecordingSummary, run_pipeline
     from gmfx.preproc import MOTION_PARAMS, align, epoch, filter, interpolate, open_recon
+    from gmfx.preproc import evoked, to_mne
     from gmfx.stages.decode import open_frames, run_decode
     from gmfx.stages.preproc import run_epochs, run_preproc
     from gmfx.stages.recon import run_recon
@@ -77,6 +78,8 @@ _LAZY = {
     "filter": "gmfx.preproc",
     "interpolate": "gmfx.preproc",
     "open_recon": "gmfx.preproc",
+    "evoked": "gmfx.preproc",
+    "to_mne": "gmfx.preproc",
     "open_frames": "gmfx.stages.decode",
     "run_decode": "gmfx.stages.decode",
     "run_epochs": "gmfx.stages.preproc",
@@ -133,6 +136,8 @@ __all__ = [
     "interpolate",
     "filter",
     "epoch",
+    "evoked",
+    "to_mne",
     "MOTION_PARAMS",
     # models
     "Backend",

@@ -93,7 +93,12 @@ SamplingOpt = Annotated[
 HighpassOpt = Annotated[float, typer.Option(min=0.0, metavar="HZ", help="Filter: high-pass cut-off; 0 switches it off.")]
 LowpassOpt = Annotated[float, typer.Option(min=0.0, metavar="HZ", help="Filter: low-pass cut-off; 0 switches it off.")]
 ReferenceOpt = Annotated[
-    str, typer.Option(metavar="REF", help="Align: template (the model's canonical mesh), first, mean, or mat (invert the model's pose).")
+    str,
+    typer.Option(
+        metavar="REF",
+        help="Align: template (the model's canonical mesh), first, mean, mat (invert the model's pose), "
+        "or the path of a gmfx store whose mean v is the shape to align to (e.g. one participant's).",
+    ),
 ]
 StartOpt = Annotated[float, typer.Option(metavar="SECONDS", help="Epoch: window start relative to the anchor.")]
 EndOpt = Annotated[float, typer.Option(metavar="SECONDS", help="Epoch: window end relative to the anchor.")]

@@ -5,6 +5,7 @@ see :mod:`gmfx.stages.preproc` for writing the results to stores.
 """
 
 from gmfx.preproc._api import DEFAULT_MAX_GAP, align, epoch, filter, interpolate, open_recon
+from gmfx.preproc._evoked import evoked, to_mne
 from gmfx.preproc._rigid import MOTION_PARAMS
 
-__all__ = ["DEFAULT_MAX_GAP", "MOTION_PARAMS", "align", "epoch", "filter", "interpolate", "open_recon"]
+__all__ = ["DEFAULT_MAX_GAP", "MOTION_PARAMS", "align", "epoch", "evoked", "filter", "interpolate", "open_recon", "to_mne"]

@@ -7,11 +7,12 @@ Every result appends one JSON record to ``attrs["gmfx_history"]``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import dask.array as da
 import numpy as np
@@ -21,7 +22,7 @@ import xarray as xr
 from gmfx._checks import check_choice
 from gmfx._errors import ParameterError
 from gmfx._version import __version__
-from gmfx.preproc import _epochs, _filters, _resample, _rigid
+from gmfx.preproc import _epochs, _filters, _motion, _one_euro, _resample, _rigid
 from gmfx.storage import Location, LocationLike, as_location, open_dataset
 
 __all__ = ["open_recon", "align", "interpolate", "filter", "epoch", "DEFAULT_MAX_GAP"]
@@ -40,6 +41,8 @@ _STORE_STATE = ("gmfx_stage", "gmfx_plan", "gmfx_regions", "gmfx_complete", "gmf
 Reference = Literal["template", "first", "mean", "mat"]
 InterpolationMethod = Literal["linear", "pchip", "cubic"]
 OnShort = Literal["error", "nan"]
+FilterMethod = Literal["butterworth", "one_euro"]
+CutoffLevel = Literal["-3dB", "-6dB"]
 Anchor = Literal["onset", "offset", "warp"]
 Baseline = Literal["mean", "ratio", None]
 
@@ -173,7 +176,80 @@ def _apply_kernel(block: np.ndarray, kernel, source_times, new_times, dtype) -> 
     return out.reshape((new_times.size,) + block.shape[1:]).astype(dtype, copy=False)
 
 
+_MOTION_ATTRS = {
+    "description": "decomposition of mat: translation, rotation (degrees, extrinsic x-y-z), scale, shear; "
+    "derived from mat after every operation (angles are never interpolated or filtered)",
+    "angle_range": f"rx, rz in [{_motion.ANGLE_RANGE[0]:g}, {_motion.ANGLE_RANGE[1]:g}), ry in [-90, 90]",
+}
+
+
+def _motion_of(mat: da.Array) -> da.Array:
+    """``(time, face, 4, 4)`` affines -> ``(time, face, motion_param)`` float32, chunked like them along time."""
+    mat = mat.rechunk({2: -1, 3: -1})
+    return mat.map_blocks(
+        _motion.motion_from_mat, drop_axis=3, chunks=mat.chunks[:2] + ((len(_rigid.MOTION_PARAMS),),), dtype=np.float64
+    ).astype(np.float32)
+
+
+def _with_motion(variables: dict[str, tuple], ds: xr.Dataset) -> None:
+    """Set ``variables["motion"]`` from ``variables["mat"]`` where the input has ``motion``."""
+    if "motion" in ds.data_vars and "mat" in variables:
+        dims, mat, _ = variables["mat"]
+        variables["motion"] = (dims[:-2] + ("motion_param",), _motion_of(mat), {**ds["motion"].attrs, **_MOTION_ATTRS})
+
+
 # -- align ----------------------------------------------------------------------------------------
+def _user_reference(reference, n_face: int, n_vertex: int) -> tuple[np.ndarray, str]:
+    """A user's reference shape, ``(vertex, 3)`` or ``(face, vertex, 3)`` float64, and how to record it."""
+    if isinstance(reference, (np.ndarray, xr.DataArray)):
+        shape, where = np.asarray(reference, dtype=np.float64), "align(reference=<array>)"
+        label = f"array sha1:{hashlib.sha1(np.ascontiguousarray(shape).tobytes()).hexdigest()[:12]}"
+    elif isinstance(reference, (str, os.PathLike, Location)):
+        location = reference if isinstance(reference, Location) else Location(os.fspath(reference))
+        where = label = location.url
+        if not location.exists():
+            raise ParameterError(
+                f"unknown alignment reference {location.url!r}: neither one of {get_args(Reference)} nor an existing store",
+                where="align(reference=...)",
+                fix=f"use one of {get_args(Reference)}, an array (vertex, 3), or the path of a gmfx store with 'v'",
+            )
+        stored = xr.open_zarr(**location.zarr_kwargs(), consolidated=False)
+        if stored.attrs.get("gmfx_complete") is False:
+            from gmfx._errors import IncompleteStoreError
+
+            raise IncompleteStoreError("the reference store is incomplete", where=where, fix="finish the stage that writes it")
+        if "v" not in stored.variables or not {"vertex", "coord"} <= set(stored["v"].dims):
+            raise ParameterError(
+                f"the reference store has no variable 'v' with dims (..., vertex, coord) (variables: {sorted(map(str, stored.data_vars))})",
+                where=where,
+                fix="give a gmfx recon, preproc, epochs or evoked store, or an array (vertex, 3)",
+            )
+        keep = [d for d in ("face", "vertex", "coord") if d in stored["v"].dims]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            shape = stored["v"].mean([d for d in stored["v"].dims if d not in keep]).transpose(*keep).values.astype(np.float64)
+    else:
+        raise ParameterError(
+            f"unknown alignment reference {reference!r}",
+            where="align(reference=...)",
+            fix=f"use one of {get_args(Reference)}, an array (vertex, 3), or the path of a gmfx store",
+        )
+    if shape.ndim not in (2, 3) or shape.shape[-2:] != (n_vertex, 3) or (shape.ndim == 3 and shape.shape[0] not in (1, n_face)):
+        raise ParameterError(
+            f"the alignment reference has shape {shape.shape}; this mesh needs ({n_vertex}, 3) "
+            f"({n_vertex} vertices), or ({n_face}, {n_vertex}, 3) with one shape per face",
+            where=where,
+            fix="give a shape of the same mesh topology (same model and vertex count)",
+        )
+    if not np.isfinite(shape).all():
+        raise ParameterError(
+            f"the alignment reference has {int((~np.isfinite(shape)).sum())} non-finite coordinates",
+            where=where,
+            fix="give a complete shape (e.g. a mean over frames where the face was found)",
+        )
+    return (shape[0] if shape.ndim == 3 and shape.shape[0] == 1 else shape), label
+
+
 def _alignment_weights(ds: xr.Dataset, vertices) -> np.ndarray:
     n = ds.sizes["vertex"]
     if vertices is None:
@@ -251,7 +327,7 @@ def _fit(data: da.Array, reference: da.Array, weights: np.ndarray, scale: bool) 
 def align(
     ds: xr.Dataset,
     *,
-    reference: Reference = "template",
+    reference: Reference | LocationLike | np.ndarray | xr.DataArray = "template",
     vertices: Sequence[int] | np.ndarray | None = None,
     scale: bool = False,
     _target: np.ndarray | None = None,
@@ -265,7 +341,11 @@ def align(
     reference
         ``"template"`` (the store's canonical mesh), ``"first"`` (each face's first valid frame),
         ``"mean"`` (mean shape after aligning to the first frame; two passes, still lazy), or ``"mat"``
-        (invert the backend's own local -> world ``mat``, no fit).
+        (invert the backend's own local -> world ``mat``, no fit); or a shape of your own to align a
+        whole study to: an array ``(vertex, 3)`` (or ``(face, vertex, 3)``), or the path or
+        :class:`~gmfx.storage.Location` of a gmfx store whose ``v`` averaged over everything but
+        ``(face,) vertex, coord`` is the shape (e.g. one participant's preproc or evoked store; read
+        once, when ``align`` is called).
     vertices
         Indices or boolean mask of the vertices to fit on (default: ``rigid_weight`` or ``rigid``).
     scale
@@ -274,7 +354,8 @@ def align(
     Returns
     -------
     Dataset with ``v`` in local space, ``mat`` (local -> world, the inverse of each fit) and ``motion``
-    (time, face, motion_param): translation, rotation in degrees, scales and shears of ``mat``.
+    (time, face, motion_param): translation, rotation in degrees (rx and rz in [-90, 270), continuous
+    through +/-180), scales and shears of ``mat``; every later operation derives it from ``mat`` again.
 
     For ``"first"`` and ``"mean"`` the reference shape is a reduction over the whole recording; the
     lazy ``v`` carries it as ``v.data._gmfx_target`` so that a writer that splits the work into many
@@ -282,7 +363,9 @@ def align(
     instead of letting every task recompute it.
     """
     v = _require(ds, "v", ("time", "face", "vertex", "coord"), "align")
-    check_choice(reference, Reference, function="align", name="reference", label="alignment reference")
+    user_shape = None
+    if not (isinstance(reference, str) and reference in get_args(Reference)):
+        user_shape, reference = _user_reference(reference, v.sizes["face"], v.sizes["vertex"])
     if v.attrs.get("space") == "local":
         raise ParameterError(
             "the vertices are already in local space (aligned)",
@@ -297,7 +380,9 @@ def align(
     else:
         weights = _alignment_weights(ds, vertices)
         parameters["vertices"] = int((weights > 0).sum())
-        if reference == "template":
+        if user_shape is not None:
+            target = da.from_array(np.broadcast_to(user_shape, data.shape[1:]).astype(np.float64))
+        elif reference == "template":
             template = np.asarray(_require(ds, "template", ("vertex", "coord"), "align(reference='template')").values)
             target = da.from_array(np.broadcast_to(template, data.shape[1:]).astype(np.float64))
         elif _target is not None:
@@ -319,10 +404,7 @@ def align(
     def outputs(transforms: da.Array, points: da.Array) -> tuple[da.Array, da.Array, da.Array]:
         local = da.map_blocks(_apply_block, transforms, points, chunks=points.chunks, dtype=np.float32)
         mat = transforms.map_blocks(_rigid.invert_affine, dtype=np.float64)
-        motion = mat.map_blocks(
-            _rigid.decompose_affine, drop_axis=3, chunks=mat.chunks[:2] + ((len(_rigid.MOTION_PARAMS),),), dtype=np.float64
-        )
-        return local, mat.astype(np.float32), motion.astype(np.float32)
+        return local, mat.astype(np.float32), _motion_of(mat)
 
     local, mat, motion = outputs(transforms, data)
     if reference in ("first", "mean") and _target is None:
@@ -335,7 +417,7 @@ def align(
     out["motion"] = (
         ("time", "face", "motion_param"),
         motion,
-        {"description": "decomposition of mat: translation, rotation (degrees, extrinsic x-y-z), scale, shear"},
+        _MOTION_ATTRS,
     )
     out = out.assign_coords(motion_param=list(_rigid.MOTION_PARAMS))
     return _with_history(out, "align", parameters)
@@ -384,7 +466,7 @@ def interpolate(
 
     variables = {}
     for name, array in ds.data_vars.items():
-        if "time" not in array.dims:
+        if "time" not in array.dims or name == "motion":  # motion: derived from the resampled mat below
             continue
         if array.dims[0] != "time":
             array = array.transpose("time", ...)
@@ -404,6 +486,7 @@ def interpolate(
     if "detected" in variables and variables["detected"][0] == ("time", "face"):
         local = variables["v"][1]
         variables["detected"] = (("time", "face"), da.isfinite(local).all(axis=(2, 3)), ds["detected"].attrs)
+    _with_motion(variables, ds)
     static = ds.drop_vars([n for n in ds.variables if "time" in ds[n].dims])
     out = static.assign_coords(time=("time", grid, {**ds["time"].attrs, "units": "s"})).assign(variables)
     return _with_history(
@@ -427,10 +510,18 @@ def _even_rate(ds: xr.Dataset) -> float:
     return 1.0 / step
 
 
-def _filter_block(block: np.ndarray, *, sos, causal, start, rate, on_short, where) -> np.ndarray:
+def _filter_block(block: np.ndarray, *, sos, highpass_sections, causal, start, rate, on_short, where) -> np.ndarray:
     times = start + np.arange(block.shape[0]) / rate  # the even grid (for messages), not shipped with every task
-    out = _filters.filter_series(_as_groups(block), sos, causal=causal, times=times, on_short=on_short, where=where, dtype=block.dtype)
+    out = _filters.filter_series(
+        _as_groups(block), sos, highpass_sections=highpass_sections, causal=causal, times=times, on_short=on_short,
+        where=where, dtype=block.dtype,
+    )  # fmt: skip
     return out.reshape(block.shape).astype(block.dtype, copy=False)
+
+
+def _one_euro_block(block: np.ndarray, *, times, min_cutoff, beta, d_cutoff) -> np.ndarray:
+    return _one_euro.one_euro(block, times, min_cutoff=min_cutoff, beta=beta, d_cutoff=d_cutoff, dtype=block.dtype)
+
 
 
 def filter(  # noqa: A001 - the public name mirrors the operation
@@ -440,19 +531,35 @@ def filter(  # noqa: A001 - the public name mirrors the operation
     lowpass: float | None = 4.0,
     order: int = 5,
     causal: bool = False,
+    cutoff_level: CutoffLevel = "-3dB",
+    method: FilterMethod = "butterworth",
+    min_cutoff: float = 1.0,
+    beta: float = 0.0,
+    d_cutoff: float = 1.0,
     on_short: OnShort = "error",
     vertex_chunk: int | None = None,
 ) -> xr.Dataset:
-    """Butterworth high-, low- or band-pass of ``v`` (and ``motion``) along time, per valid stretch.
+    """Filter ``v`` along time, per valid stretch, keeping each vertex's mean shape.
 
     Parameters
     ----------
     highpass, lowpass
-        Cut-offs in Hz; ``None`` switches a side off.
+        Butterworth cut-offs in Hz; ``None`` switches a side off. The high-pass removes slow drift
+        *around* each valid stretch's temporal mean, which is kept exactly: the result is still a face,
+        not a deviation around zero (that moved vertex means by ~38 px on a real MediaPipe clip).
     order
         Butterworth order (of each side).
     causal
-        ``sosfilt`` (forward only, with a phase lag) instead of zero-phase ``sosfiltfilt``.
+        One forward pass (with a phase lag) instead of zero-phase forward-backward filtering.
+    cutoff_level
+        Gain of the effective response (both passes) at each cut-off: ``"-3dB"`` (1/sqrt 2, default)
+        or ``"-6dB"`` (1/2). Zero-phase filtering squares the gain, so each side is designed where
+        one pass gives the square root of it (``--lowpass 4`` used to be -3 dB at 3.70 Hz).
+    method
+        ``"butterworth"``, or ``"one_euro"``: the online, speed-adaptive One Euro smoother
+        (Casiez et al. 2012) with ``min_cutoff`` (Hz), ``beta`` (1 / data units) and ``d_cutoff`` (Hz),
+        whose starting values 1, 0, 1 are the authors'; it follows the real frame times (no even grid
+        needed) and ignores the Butterworth options.
     on_short
         ``"error"``: a valid stretch shorter than the filter's padding raises :class:`ParameterError`;
         ``"nan"``: such stretches become NaN.
@@ -460,30 +567,53 @@ def filter(  # noqa: A001 - the public name mirrors the operation
         Vertices per block (default: blocks of ~64 MiB of float64). Filtering needs the whole time axis,
         so the result is chunked ``time=-1`` and along ``vertex`` (exact, bounded memory per block);
         the preproc stage writes it back time-chunked.
+
+    ``mat`` is kept and ``motion`` derived from it again (angles are never filtered). The design
+    (requested and per-pass cut-offs, sections, passes, how edges and the mean are handled) goes into
+    the history record.
     """
     v = _require(ds, "v", ("time", "face", "vertex", "coord"), "filter")
     check_choice(on_short, OnShort, function="filter", name="on_short")
-    rate = _even_rate(ds)
-    sos, design = _filters.design_butterworth(rate, highpass=highpass, lowpass=lowpass, order=order)
-    times = np.asarray(ds["time"].values, dtype=np.float64)
-    need = 1 if causal else _filters.padding_samples(sos) + 1
-    if times.size < need and on_short == "error":  # with "nan" the whole (too short) recording stays NaN
-        raise ParameterError(
-            f"the recording has {times.size} samples, fewer than the {need} this filter needs (its padding)",
-            where=f"filter(highpass={highpass}, lowpass={lowpass}, order={order})",
-            fix="lower the order, or filter a longer recording",
-        )
-    kwargs = {"sos": sos, "causal": causal, "start": float(times[0]), "rate": rate, "on_short": on_short}
+    check_choice(method, FilterMethod, function="filter", name="method", label="filter method")
     n_time, n_face = v.shape[:2]
     if vertex_chunk is None:
         vertex_chunk = max(1, _FILTER_BLOCK_BYTES // (n_time * n_face * v.shape[3] * 8))
     data = _dask(v, chunks={0: -1, 2: vertex_chunk})
+    if method == "one_euro":
+        for name, value in (("min_cutoff", min_cutoff), ("d_cutoff", d_cutoff)):
+            if not value > 0:
+                raise ParameterError(f"{name}={value} is not positive", where=f"filter({name}=...)", fix="give a cut-off in Hz, e.g. 1.0")
+        if not beta >= 0:
+            raise ParameterError(f"beta={beta} is negative", where="filter(beta=...)", fix="give beta >= 0 (0: a fixed cut-off)")
+        times = _times(ds, "filter")
+        filtered = data.map_blocks(
+            _one_euro_block, times=times, min_cutoff=min_cutoff, beta=beta, d_cutoff=d_cutoff, dtype=data.dtype
+        )
+        parameters: dict[str, Any] = {"method": method, "min_cutoff": min_cutoff, "beta": beta, "d_cutoff": d_cutoff}
+    else:
+        rate = _even_rate(ds)
+        sos, design = _filters.design_butterworth(
+            rate, highpass=highpass, lowpass=lowpass, order=order, passes=1 if causal else 2, cutoff_level=cutoff_level
+        )
+        times = np.asarray(ds["time"].values, dtype=np.float64)
+        need = 1 if causal else _filters.padding_samples(sos) + 1
+        if times.size < need and on_short == "error":  # with "nan" the whole (too short) recording stays NaN
+            raise ParameterError(
+                f"the recording has {times.size} samples, fewer than the {need} this filter needs (its padding)",
+                where=f"filter(highpass={highpass}, lowpass={lowpass}, order={order})",
+                fix="lower the order, or filter a longer recording",
+            )
+        kwargs = {"sos": sos, "highpass_sections": design["highpass_sections"], "causal": causal,
+                  "start": float(times[0]), "rate": rate, "on_short": on_short}  # fmt: skip
+        filtered = data.map_blocks(_filter_block, where="variable 'v'", dtype=data.dtype, **kwargs)
+        parameters = {"method": method, "highpass": highpass, "lowpass": lowpass, "order": order, "causal": causal,
+                      "cutoff_level": cutoff_level, "on_short": on_short, "design": design}  # fmt: skip
     out = ds.copy()
-    out["v"] = (v.dims, data.map_blocks(_filter_block, where="variable 'v'", dtype=data.dtype, **kwargs), v.attrs)
-    if "motion" in ds.data_vars:
-        motion = _dask(ds["motion"], chunks={0: -1})
-        out["motion"] = (ds["motion"].dims, motion.map_blocks(_filter_block, where="variable 'motion'", dtype=motion.dtype, **kwargs), ds["motion"].attrs)
-    parameters = {"highpass": highpass, "lowpass": lowpass, "order": order, "causal": causal, "on_short": on_short, "design": design}
+    out["v"] = (v.dims, filtered, v.attrs)
+    if "motion" in ds.data_vars and "mat" in ds.data_vars:
+        variables = {"mat": (ds["mat"].dims, _dask(ds["mat"]), ds["mat"].attrs)}
+        _with_motion(variables, ds)
+        out["motion"] = variables["motion"]
     return _with_history(out, "filter", parameters)
 
 
@@ -525,8 +655,9 @@ def epoch(
 
     Returns
     -------
-    Dataset with ``v`` (epoch, lag, face, vertex, coord), ``motion`` likewise when present. Events whose
-    onset lies outside the recording are reported with a warning.
+    Dataset with ``v`` (epoch, lag, face, vertex, coord); ``mat`` (by slerp) and ``motion`` (derived from
+    it, never baseline-corrected) likewise when present. Events whose onset lies outside the recording
+    are reported with a warning.
     """
     v = _require(ds, "v", ("time", "face", "vertex", "coord"), "epoch")
     check_choice(anchor, Anchor, function="epoch", name="anchor")
@@ -566,20 +697,28 @@ def epoch(
         )
     sample_times = _epochs.epoch_times(table["onset"].to_numpy(), table["duration"].to_numpy(), lags, anchor)
 
-    def cut(array: xr.DataArray) -> da.Array:
+    def cut(array: xr.DataArray, kind: str) -> da.Array:
         data = _dask(array)
         pieces = []
         for wanted in sample_times:
-            kernel = lambda t, x, new: _resample.resample(t, x, new, method=method, max_gap=max_gap)  # noqa: E731
-            piece = _along_time(data, times, wanted, wanted.size, kernel, 2 * max_gap, _resample.halo_samples(method), np.float32)
-            if baseline:
+            if kind == "affine":
+                kernel = lambda t, x, new: _resample.resample_affines(t, x, new, max_gap=max_gap)  # noqa: E731
+            else:
+                kernel = lambda t, x, new: _resample.resample(t, x, new, method=method, max_gap=max_gap)  # noqa: E731
+            dtype = array.dtype if kind == "affine" else np.float32
+            piece = _along_time(data, times, wanted, wanted.size, kernel, 2 * max_gap, _resample.halo_samples(method), dtype)
+            if baseline and kind != "affine":
                 piece = piece.map_blocks(_baseline_block, lags=lags, window=window, mode=baseline, dtype=np.float32)
             pieces.append(piece[None])
         return da.concatenate(pieces, axis=0)
 
-    variables = {"v": (("epoch", "lag") + v.dims[1:], cut(v), v.attrs)}
-    if "motion" in ds.data_vars:
-        variables["motion"] = (("epoch", "lag") + ds["motion"].dims[1:], cut(ds["motion"]), ds["motion"].attrs)
+    variables = {"v": (("epoch", "lag") + v.dims[1:], cut(v, method), v.attrs)}
+    if "mat" in ds.data_vars:  # rotations by slerp; motion derived from them (no baseline: they are poses)
+        variables["mat"] = (("epoch", "lag") + ds["mat"].dims[1:], cut(ds["mat"], "affine"), ds["mat"].attrs)
+        if "motion" in ds.data_vars:
+            mat = variables["mat"][1]
+            motion = _motion_of(mat.reshape((-1,) + mat.shape[2:])).reshape(mat.shape[:3] + (len(_rigid.MOTION_PARAMS),))
+            variables["motion"] = (("epoch", "lag") + ds["motion"].dims[1:], motion, {**ds["motion"].attrs, **_MOTION_ATTRS})
     static = ds.drop_vars([n for n in ds.variables if "time" in ds[n].dims])
     epoch_coords = {str(c): ("epoch", table[c].to_numpy()) for c in table.columns}
     lag_attrs = {"units": "duration fraction" if anchor == "warp" else "s", "anchor": anchor}
