@@ -82,6 +82,10 @@ DeviceOpt = Annotated[
 ]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="Reconstruction model (gmfx models lists them).")]
 
+ModelOptionOpt = Annotated[
+    list[str] | None,
+    typer.Option(metavar="KEY=VALUE", help="Option for the model, e.g. min_detection_confidence=0.3; repeatable."),
+]
 BatchOpt = Annotated[int | None, typer.Option(min=1, metavar="N", help="Frames per model call [default: the model's].")]
 MaxFacesOpt = Annotated[int, typer.Option(min=1, metavar="N", help="Faces to track per frame.")]
 SamplingOpt = Annotated[
@@ -262,10 +266,7 @@ def recon(
     segment_frames: Annotated[
         int, typer.Option(min=1, metavar="N", help="Frames each task reconstructs (rounded to whole frames chunks).")
     ] = 256,
-    model_option: Annotated[
-        list[str] | None,
-        typer.Option(metavar="KEY=VALUE", help="Option for the model, e.g. min_detection_confidence=0.3; repeatable."),
-    ] = None,
+    model_option: ModelOptionOpt = None,
 ) -> None:
     """Reconstruct a 3D face mesh per frame and face (decoding the videos first when needed).
 
@@ -305,6 +306,7 @@ def run(
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = None,
     max_faces: MaxFacesOpt = 1,
+    model_option: ModelOptionOpt = None,
     reference: ReferenceOpt = "template",
     sampling_freq: SamplingOpt = None,
     highpass: HighpassOpt = 0.005,
@@ -334,7 +336,8 @@ def run(
             sel.out,
             client=client,
             decode_options={"max_size": max_size},
-            recon_options={"model": model, "device": device.lower(), "batch_size": batch_size, "max_faces": max_faces},
+            recon_options={"model": model, "device": device.lower(), "batch_size": batch_size, "max_faces": max_faces,
+                           "model_options": parse_key_values(model_option, where="--model-option")},
             preproc_options=_preproc_options(sampling_freq, highpass, lowpass, reference),
             epoch_options={"start": epoch_start, "end": epoch_end},
             overwrite=sel.overwrite,
