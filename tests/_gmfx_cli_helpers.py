@@ -20,7 +20,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 
 class EchoFileSystem(LocalFileSystem):
-    """Local files behind echo:// whose every write fails with an error that quotes the storage options."""
+    """Local files behind echo:// whose chunk writes fail with an error that quotes the storage options."""
 
     protocol = ("echo",)
     root_marker = "/"
@@ -38,6 +38,9 @@ class EchoFileSystem(LocalFileSystem):
         return "echo://" + name
 
     def pipe_file(self, path, value, mode="overwrite", **kwargs):
+        if "/frames/c/" not in path:  # metadata and coordinates are written; frames are not
+            self.makedirs(self._parent(path), exist_ok=True)
+            return super().pipe_file(path, value, mode=mode, **kwargs)
         raise {error}(f"cannot write {{path}} with options {{self.options!r}}")
 '''
 
@@ -46,7 +49,8 @@ def plugin_site(folder: pathlib.Path, *, echo_error: str = "PermissionError") ->
     """A folder holding a distribution that declares the test backends (``gmfx.models``) and the
     ``echo://`` filesystem (``fsspec.specs``); return the environment for subprocesses that sees it."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "gmfx_test_plugins.py").write_text(_ECHO_MODULE.format(error=echo_error))
+    module = f"gmfx_test_plugins_{echo_error.lower()}"  # one module per error kind: processes cache modules
+    (folder / f"{module}.py").write_text(_ECHO_MODULE.format(error=echo_error))
     info = folder / "gmfx_test_plugins-1.0.dist-info"
     info.mkdir(exist_ok=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: gmfx-test-plugins\nVersion: 1.0\n")
@@ -55,7 +59,7 @@ def plugin_site(folder: pathlib.Path, *, echo_error: str = "PermissionError") ->
         "bright-square = gmfx.testing:BrightSquareBackend\n"
         "bright-square-gpu = gmfx.testing:GpuBrightSquareBackend\n"
         "[fsspec.specs]\n"
-        "echo = gmfx_test_plugins:EchoFileSystem\n"
+        f"echo = {module}:EchoFileSystem\n"
     )
     path = os.pathsep.join(p for p in (str(folder), os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
