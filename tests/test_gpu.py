@@ -32,8 +32,8 @@ def test_gpu_pinned_reconstruction_on_a_local_gpu_cluster(tmp_path):
     """A GPU-declared backend through the recon stage on the local GPU cluster: every task runs on a
     GPU worker (the log names the worker), and that worker sees CUDA."""
     from gmfx.dataset import find_recordings
-    from gmfx.stages.decode import decode
-    from gmfx.stages.recon import recon
+    from gmfx.stages.decode import run_decode as decode
+    from gmfx.stages.recon import run_recon as recon
     from gmfx.storage import Location, open_dataset
     from gmfx.testing import GpuBrightSquareBackend, write_bids_recording
 

@@ -10,7 +10,7 @@ import pytest
 from _gmfx_cli_helpers import gmfx_command, plugin_site, run, square_dataset
 from gmfx import GmfxError
 from gmfx.dataset import find_recordings
-from gmfx.stages.decode import decode
+from gmfx.stages.decode import run_decode as decode
 from gmfx.storage import Location
 
 SECRET, TOKEN = "TopSecret-4242", "Token-XYZ-9999"

@@ -52,14 +52,14 @@ def executed(monkeypatch):
 
 
 def _run_all(recordings, out):
-    decode_module.decode(recordings, out, client=None, chunk_frames=8, segment_frames=8, progress=False)
-    recon_module.recon(recordings, out, client=None, model=BrightSquareBackend, segment_frames=8, progress=False)
-    preproc_module.preproc(recordings, out, client=None, filter={"highpass": None, "lowpass": 3.0}, progress=False)
-    preproc_module.epochs(recordings, out, client=None, progress=False, start=-0.2, end=0.4)
+    decode_module.run_decode(recordings, out, client=None, chunk_frames=8, segment_frames=8, progress=False)
+    recon_module.run_recon(recordings, out, client=None, model=BrightSquareBackend, segment_frames=8, progress=False)
+    preproc_module.run_preproc(recordings, out, client=None, filter={"highpass": None, "lowpass": 3.0}, progress=False)
+    preproc_module.run_epochs(recordings, out, client=None, progress=False, start=-0.2, end=0.4)
     unfiltered = Location(out.url + "-unfiltered")
     shutil.copytree(pathlib.Path(out.url, "sub-01", "sub-01_task-square_recon.zarr"),
                     pathlib.Path(unfiltered.url, "sub-01", "sub-01_task-square_recon.zarr"))  # fmt: skip
-    preproc_module.preproc(recordings, unfiltered, client=None, filter=False, progress=False)
+    preproc_module.run_preproc(recordings, unfiltered, client=None, filter=False, progress=False)
     return unfiltered
 
 
@@ -75,15 +75,15 @@ def _paths(out, unfiltered, recording):
 
 def _rerun(stage, recordings, out, unfiltered):
     if stage == "decode":
-        decode_module.decode(recordings, out, client=None, chunk_frames=8, segment_frames=8, progress=False)
+        decode_module.run_decode(recordings, out, client=None, chunk_frames=8, segment_frames=8, progress=False)
     elif stage == "recon":
-        recon_module.recon(recordings, out, client=None, model=BrightSquareBackend, segment_frames=8, progress=False)
+        recon_module.run_recon(recordings, out, client=None, model=BrightSquareBackend, segment_frames=8, progress=False)
     elif stage == "preproc-filtered":
-        preproc_module.preproc(recordings, out, client=None, filter={"highpass": None, "lowpass": 3.0}, progress=False)
+        preproc_module.run_preproc(recordings, out, client=None, filter={"highpass": None, "lowpass": 3.0}, progress=False)
     elif stage == "preproc":
-        preproc_module.preproc(recordings, unfiltered, client=None, filter=False, progress=False)
+        preproc_module.run_preproc(recordings, unfiltered, client=None, filter=False, progress=False)
     else:
-        preproc_module.epochs(recordings, out, client=None, progress=False, start=-0.2, end=0.4)
+        preproc_module.run_epochs(recordings, out, client=None, progress=False, start=-0.2, end=0.4)
 
 
 def _set_complete(location: Location, value: bool) -> None:
