@@ -90,6 +90,8 @@ def _spline_oracle(times, values, grid, method, max_gap):
     for face in range(values.shape[1]):
         valid = np.isfinite(values[:, face]).all(axis=(1, 2))
         t, x = times[valid], values[valid, face]
+        if not t.size:
+            continue  # a face never seen stays NaN
         cuts = np.concatenate([[0], np.flatnonzero(np.diff(t) > max_gap) + 1, [t.size]])
         for a, b in zip(cuts[:-1], cuts[1:]):
             inside = (grid >= t[a]) & (grid <= t[b - 1])
