@@ -84,6 +84,10 @@ DeviceOpt = Annotated[
 ]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="Reconstruction model (gmfx models lists them).")]
 
+ModelOptionOpt = Annotated[
+    list[str] | None,
+    typer.Option(metavar="KEY=VALUE", help="Option for the model, e.g. min_detection_confidence=0.3; repeatable."),
+]
 BatchOpt = Annotated[int | None, typer.Option(min=1, metavar="N", help="Frames per model call [default: the model's].")]
 MaxFacesOpt = Annotated[int, typer.Option(min=1, metavar="N", help="Faces to track per frame.")]
 SamplingOpt = Annotated[
@@ -297,10 +301,7 @@ def recon(
     segment_frames: Annotated[
         int, typer.Option(min=1, metavar="N", help="Frames each task reconstructs (rounded to whole frames chunks).")
     ] = 256,
-    model_option: Annotated[
-        list[str] | None,
-        typer.Option(metavar="KEY=VALUE", help="Option for the model, e.g. min_detection_confidence=0.3; repeatable."),
-    ] = None,
+    model_option: ModelOptionOpt = None,
     model_dir: Annotated[str | None, typer.Option("--model-dir", metavar="URL", help="FLAME family: folder or URL of the model files [default: $GMFX_MODEL_DIR].")] = None,
     detector: Annotated[str | None, typer.Option(metavar="NAME", help="FLAME family: face boxes from mediapipe (default) or fan (face-alignment).")] = None,
     precision: Annotated[str | None, typer.Option(metavar="DTYPE", help="FLAME family: encoder precision float32 (default), float16 or bfloat16.")] = None,
@@ -354,6 +355,7 @@ def run(
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = None,
     max_faces: MaxFacesOpt = 1,
+    model_option: ModelOptionOpt = None,
     reference: ReferenceOpt = "template",
     sampling_freq: SamplingOpt = None,
     highpass: HighpassOpt = 0.005,
@@ -387,7 +389,8 @@ def run(
             sel.out,
             client=client,
             decode_options={"max_size": max_size},
-            recon_options={"model": model, "device": device.lower(), "batch_size": batch_size, "max_faces": max_faces},
+            recon_options={"model": model, "device": device.lower(), "batch_size": batch_size, "max_faces": max_faces,
+                           "model_options": parse_key_values(model_option, where="--model-option")},
             preproc_options=preproc_options,
             epoch_options={"start": epoch_start, "end": epoch_end},
             overwrite=sel.overwrite,
