@@ -7,13 +7,15 @@
 - a real S3-compatible server on 127.0.0.1 (:func:`local_s3_server`; needs the ``test`` extra);
 - fault injection for storage (:class:`FlakyFileSystem`, ``flaky://`` URLs);
 - a conformance check for reconstruction backends (:func:`check_backend`) and two tiny real backends;
-- a real-face video with known head motion (:func:`astronaut_motion`; needs scikit-image).
+- a real-face video with known head motion (:func:`astronaut_motion`; needs scikit-image);
+- preprocessed recordings with a known response to each condition (:func:`synthetic_responses`).
 """
 
 from gmfx.testing._backends import BrightSquareBackend, GpuBrightSquareBackend, check_backend
 from gmfx.testing._faces import FaceMotion, astronaut_motion
 from gmfx.testing._flaky import FlakyFileSystem
 from gmfx.testing._s3 import local_s3_server, make_bucket, s3_storage_options
+from gmfx.testing._responses import SyntheticResponses, synthetic_responses
 from gmfx.testing._synthetic import SyntheticFace, synthetic_face, synthetic_recon_dataset, write_synthetic_recon
 from gmfx.testing._videos import frame_pattern, read_frame_number, write_bids_recording, write_video
 
@@ -35,4 +37,6 @@ __all__ = [
     "write_bids_recording",
     "write_synthetic_recon",
     "write_video",
+    "SyntheticResponses",
+    "synthetic_responses",
 ]
