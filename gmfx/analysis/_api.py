@@ -137,8 +137,8 @@ def glm(
         ``{name: {"happy": 1, "sad": -1}}`` or ``{name: "happy - sad"}``; a t contrast is tested at every
         lag, an F contrast at all lags jointly. Default: one of each per condition (its response vs 0).
     vertex_chunk
-        Vertices per task (default: blocks of ~32 MiB of float64 over the whole recording, so memory
-        depends on the block, not on the recording's length).
+        Vertices per task (default: the input's vertex chunks when they hold at most ~64 MiB of float64
+        over the whole recording, else blocks of ~32 MiB: memory follows the block, not the recording's length).
 
     Returns
     -------
@@ -181,8 +181,10 @@ def glm(
                 where=f"{source}, face {face}",
             )  # fmt: skip
         )
-    if vertex_chunk is None:
-        vertex_chunk = max(1, _BLOCK_BYTES // (n_time * n_coord * 8))
+    if vertex_chunk is None:  # the store's own vertex blocks when they fit: each task then reads its chunks only
+        budget = max(1, _BLOCK_BYTES // (n_time * n_coord * 8))
+        stored = v.chunksizes["vertex"] if v.chunks else (n_vertex,)
+        vertex_chunk = stored[0] if len(stored) > 1 and stored[0] <= 2 * budget else budget
     data = _dask(v, chunks={0: -1, 1: 1, 2: int(vertex_chunk)})
     rows = _ols.output_rows((len(conditions) * lags.size, lags.size, len(t_contrasts), len(f_contrasts)))
     n_rows = rows["F"].stop
@@ -252,7 +254,7 @@ def _linear_maps(shapes: list[np.ndarray], reference: str, template: np.ndarray 
     weights = np.ones(shapes[0].shape[0])
 
     def onto(target: np.ndarray) -> list[np.ndarray]:
-        return [fit_transforms(shape, target, weights, scale=scale) for shape in shapes]
+        return [fit_transforms(shape[None], target, weights, scale=scale)[0] for shape in shapes]
 
     if reference == "template":
         target = template
@@ -499,7 +501,7 @@ def components(
     weights = np.ones(n_vertex)
 
     def rotation(shape: np.ndarray, target: np.ndarray) -> np.ndarray:
-        return fit_transforms(shape, target, weights)[:3, :3]
+        return fit_transforms(np.asarray(shape)[None], np.asarray(target), weights)[0, :3, :3]
 
     target = means[0]
     if reference == "mean" and len(means) > 1:

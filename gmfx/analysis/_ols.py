@@ -30,6 +30,7 @@ class Prepared:
     """What every block of one face needs: the design, its Gram matrices and the contrasts."""
 
     matrix: sp.csr_array  # (time, p), zero rows outside valid
+    design: _Split  # the same, as sparse columns of interest + dense nuisance (fast products)
     valid: np.ndarray  # (time,)
     gram_inverse: np.ndarray  # (p, p)
     dof: int
@@ -41,6 +42,30 @@ class Prepared:
     pairs: np.ndarray  # (time - 1,) valid[t] & valid[t - 1]
     grams: tuple[np.ndarray, np.ndarray, np.ndarray]  # A = X1'X1, C = X1'X0, D = X0'X0 over pairs
     ar1_dof: int
+
+
+@dataclass(frozen=True)
+class _Split:
+    """A design as its sparse columns of interest (FIR: a few ones per event) and dense nuisance columns:
+    ``X'Y`` and ``XB`` then cost one sparse product of the events' size plus one BLAS product, ~5x
+    faster than one sparse matrix holding the dense nuisance columns too."""
+
+    sparse: sp.csr_array
+    dense: np.ndarray
+
+    @classmethod
+    def of(cls, matrix: sp.csr_array, n_interest: int) -> _Split:
+        return cls(sp.csr_array(matrix[:, :n_interest]), np.ascontiguousarray(matrix[:, n_interest:].toarray()))
+
+    def t_dot(self, y: np.ndarray) -> np.ndarray:
+        return np.concatenate([self.sparse.T @ y, self.dense.T @ y])
+
+    def dot(self, beta: np.ndarray) -> np.ndarray:
+        k = self.sparse.shape[1]
+        return self.sparse @ beta[:k] + self.dense @ beta[k:]
+
+    def rows(self, chosen: slice) -> _Split:
+        return _Split(sp.csr_array(self.sparse[chosen]), self.dense[chosen])
 
 
 def _inverse(gram: np.ndarray, names, where: str) -> np.ndarray:
@@ -88,7 +113,7 @@ def prepare(
         current, previous = keep @ matrix[1:], keep @ matrix[:-1]
         grams = tuple((a.T @ b).toarray() for a, b in ((current, current), (current, previous), (previous, previous)))
     return Prepared(
-        matrix=matrix, valid=valid, gram_inverse=_inverse(gram, names, where), dof=dof, n_interest=n_interest,
+        matrix=matrix, design=_Split.of(matrix, n_interest), valid=valid, gram_inverse=_inverse(gram, names, where), dof=dof, n_interest=n_interest,
         t_weights=np.atleast_2d(t_weights).reshape(-1, n_interest // n_lags), f_weights=np.atleast_2d(f_weights).reshape(-1, n_interest // n_lags),
         n_lags=n_lags, ar1=ar1, pairs=pairs, grams=grams, ar1_dof=int(pairs.sum()) - p,
     )  # fmt: skip
@@ -147,13 +172,18 @@ def fit_columns(y: np.ndarray, prepared: Prepared) -> np.ndarray:
     n_t, n_f = prepared.t_weights.shape[0], prepared.f_weights.shape[0]
     rows = output_rows((prepared.n_interest, prepared.n_lags, n_t, n_f))
     out = np.full((rows["F"].stop, y.shape[1]), np.nan)
-    y = np.asarray(y, dtype=np.float64)
-    finite = np.isfinite(y[prepared.valid]).all(axis=0)
-    regular = np.flatnonzero(finite)
-    if regular.size:
-        out[:, regular] = _fit_regular(np.where(prepared.valid[:, None], y[:, regular], 0.0), prepared, rows)
-    for column in np.flatnonzero(~finite):
-        own = prepared.valid & np.isfinite(y[:, column])
+    y = np.array(y, dtype=np.float64)  # our own copy: invalid rows are zeroed in place
+    lost = ~np.isfinite(y)
+    lost[~prepared.valid] = False
+    finite = ~lost.any(axis=0)
+    raw = {int(c): y[:, c].copy() for c in np.flatnonzero(~finite)}
+    y[~prepared.valid] = 0.0
+    if finite.all():
+        out[:] = _fit_regular(y, prepared, rows)
+    elif finite.any():
+        out[:, finite] = _fit_regular(y[:, finite], prepared, rows)
+    for column, values in raw.items():
+        own = prepared.valid & np.isfinite(values)
         keep = sp.diags_array(own.astype(np.float64))
         try:
             single = prepare(
@@ -162,43 +192,44 @@ def fit_columns(y: np.ndarray, prepared: Prepared) -> np.ndarray:
             )  # fmt: skip
         except ParameterError:
             continue  # too few samples or an empty regressor for this column: NaN
-        out[:, column] = _fit_regular(np.where(own, y[:, column], 0.0)[:, None], single, rows)[:, 0]
+        out[:, column] = _fit_regular(np.where(own, values, 0.0)[:, None], single, rows)[:, 0]
     return out
 
 
 def _fit_regular(y: np.ndarray, prepared: Prepared, rows: dict[str, slice]) -> np.ndarray:
     """Columns with data on every valid sample (zeros elsewhere)."""
-    x = prepared.matrix
-    count = prepared.valid.sum()
-    beta = prepared.gram_inverse @ (x.T @ y)
-    residual = y - x @ beta  # zero on invalid rows (both terms are)
+    x = prepared.design
+    beta = prepared.gram_inverse @ x.t_dot(y)
+    residual = y - x.dot(beta)  # zero on invalid rows (both terms are)
     out = np.empty((rows["F"].stop, y.shape[1]))
-    out[rows["mean"]] = y.sum(0) / count
+    out[rows["mean"]] = y.sum(0) / prepared.valid.sum()
+    squares = np.einsum("tm,tm->m", residual, residual)
     if not prepared.ar1:
-        stats = _statistics(beta, (residual**2).sum(0), prepared.gram_inverse, prepared.dof, prepared)
+        stats = _statistics(beta, squares, prepared.gram_inverse, prepared.dof, prepared)
         out[rows["rho"]] = np.nan
     else:
-        pairs = prepared.pairs[:, None]
-        lagged = (residual[1:] * residual[:-1] * pairs).sum(0)
+        pairs = prepared.pairs
+        current, previous = y[1:] * pairs[:, None], y[:-1] * pairs[:, None]
+        lagged = np.einsum("tm,tm->m", residual[1:] * pairs[:, None], residual[:-1])
         with np.errstate(divide="ignore", invalid="ignore"):
-            rho = np.clip(np.round(lagged / (residual**2).sum(0) / RHO_STEP) * RHO_STEP, -0.99, 0.99)
-        rho = np.nan_to_num(rho)
+            rho = np.nan_to_num(np.clip(np.round(lagged / squares / RHO_STEP) * RHO_STEP, -0.99, 0.99))
         out[rows["rho"]] = rho
+        # whitened products for all columns at once: yw = y1 - rho y0, Xw = X1 - rho X0 over the valid pairs
+        x1, x0 = x.rows(slice(1, None)), x.rows(slice(None, -1))
+        x1y1, x1y0, x0y1, x0y0 = x1.t_dot(current), x1.t_dot(previous), x0.t_dot(current), x0.t_dot(previous)
+        y1y1, y1y0, y0y0 = (np.einsum("tm,tm->m", a, b) for a, b in ((current, current), (current, previous), (previous, previous)))
         stats = {name: np.empty((rows[name].stop - rows[name].start, y.shape[1])) for name in ("beta", "se", "t", "effect", "F")}
         stats["sigma2"] = np.empty(y.shape[1])
         a, c, d = prepared.grams
-        current, previous = x[1:], x[:-1]
         for value in np.unique(rho):
-            chosen = np.flatnonzero(rho == value)
-            whitened_y = (y[1:, chosen] - value * y[:-1, chosen]) * pairs
+            chosen = rho == value
+            xtyw = x1y1[:, chosen] - value * (x1y0[:, chosen] + x0y1[:, chosen]) + value**2 * x0y0[:, chosen]
+            ytyw = y1y1[chosen] - 2 * value * y1y0[chosen] + value**2 * y0y0[chosen]
             gram = a - value * (c + c.T) + value**2 * d
             inverse = _inverse(gram, [f"column {i}" for i in range(gram.shape[0])], "glm(ar1=True)")
-            xty = current.T @ whitened_y - value * (previous.T @ whitened_y)
-            beta_bin = inverse @ xty
-            fitted = (current @ beta_bin - value * (previous @ beta_bin)) * pairs
-            rss = ((whitened_y - fitted) ** 2).sum(0)
-            part = _statistics(beta_bin, rss, inverse, prepared.ar1_dof, prepared)
-            for name, values in part.items():
+            beta_bin = inverse @ xtyw
+            rss = np.clip(ytyw - np.einsum("pm,pm->m", beta_bin, xtyw), 0.0, None)  # ||yw - Xw b||^2 at the solution
+            for name, values in _statistics(beta_bin, rss, inverse, prepared.ar1_dof, prepared).items():
                 if name == "sigma2":
                     stats[name][chosen] = values
                 else:
