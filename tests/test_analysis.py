@@ -316,3 +316,35 @@ def test_bad_inputs_raise_clear_errors(recording):
         gmfx.glm(recording.dataset, late, window=(0, 0.5)).compute()
     with pytest.raises(gmfx.ParameterError, match="needs at least 2 fits"):
         gmfx.group([xr.Dataset()])
+
+
+@pytest.mark.slow
+def test_cli_glm_group_and_generate_on_a_dataset(tmp_path, dask_client):
+    """gmfx glm (per recording and --group) and gmfx generate on a BIDS-like dataset, on a real cluster."""
+    from typer.testing import CliRunner
+
+    from gmfx.cli import app
+    from gmfx.testing import write_bids_recording
+
+    root, out = tmp_path / "study", Location(str(tmp_path / "study" / "derivatives" / "gmfx"))
+    truths = []
+    for index, subject in enumerate(["01", "02"]):
+        recording = synthetic_responses(2400, n_vertices=20, n_lags=16, seed=10 + index)
+        truths.append(recording)
+        write_bids_recording(root, subject=subject, task="faces", video={"n_frames": 4}, events=recording.events)
+        write_lazy(recording.dataset, out.child(f"sub-{subject}", f"sub-{subject}_task-faces_preproc.zarr"), stage="preproc", progress=False)
+    common = [str(root), "--scheduler", dask_client.scheduler.address, "--no-progress"]
+    result = CliRunner().invoke(app, ["glm", *common, "--window-end", "0.5", "--t-contrast", "diff=smile - frown", "--ar1", "--group"])
+    assert result.exit_code == 0, result.output
+    fit = gmfx.open_dataset(out.child("sub-01", "sub-01_task-faces_glm.zarr"), stage="glm")
+    assert list(fit["t_contrast"].values) == ["diff"] and "rho" in fit
+    assert json.loads(fit.attrs["gmfx_design"])["ar1"] is True
+    assert np.abs((fit["beta"].values[:, :, 0] - truths[0].response) / fit["se"].values[:, :, 0]).max() < 6
+    combined = gmfx.open_dataset(out.child("group", "task-faces_glm.zarr"), stage="glm")
+    assert int(combined["random_dof"]) == 1 and combined.sizes["fit"] == 2
+    result = CliRunner().invoke(app, ["generate", *common, "--condition", "smile", "--shape", "template", "--group"])
+    assert result.exit_code == 0, result.output
+    movie = gmfx.open_dataset(out.child("group", "task-faces_cond-smile_generated.zarr"), stage="generate")
+    expected = combined["template"].values[None, None] + combined["beta"].sel(condition="smile").values
+    np.testing.assert_allclose(movie["v"].values, expected, rtol=1e-6, atol=1e-9)
+    assert movie["effect"].dims == ("time", "face", "vertex") and "tris" in movie

@@ -137,8 +137,9 @@ def glm(
         ``{name: {"happy": 1, "sad": -1}}`` or ``{name: "happy - sad"}``; a t contrast is tested at every
         lag, an F contrast at all lags jointly. Default: one of each per condition (its response vs 0).
     vertex_chunk
-        Vertices per task (default: the input's vertex chunks when they hold at most ~64 MiB of float64
-        over the whole recording, else blocks of ~32 MiB: memory follows the block, not the recording's length).
+        Vertices per task (default: the input's vertex chunks when they hold at most ~128 MiB of float64
+        over the whole recording, else blocks of ~32 MiB: memory follows the block, not the recording's
+        length; a task holds ~4 blocks).
 
     Returns
     -------
@@ -184,7 +185,7 @@ def glm(
     if vertex_chunk is None:  # the store's own vertex blocks when they fit: each task then reads its chunks only
         budget = max(1, _BLOCK_BYTES // (n_time * n_coord * 8))
         stored = v.chunksizes["vertex"] if v.chunks else (n_vertex,)
-        vertex_chunk = stored[0] if len(stored) > 1 and stored[0] <= 2 * budget else budget
+        vertex_chunk = stored[0] if len(stored) > 1 and stored[0] <= 4 * budget else budget
     data = _dask(v, chunks={0: -1, 1: 1, 2: int(vertex_chunk)})
     rows = _ols.output_rows((len(conditions) * lags.size, lags.size, len(t_contrasts), len(f_contrasts)))
     n_rows = rows["F"].stop
