@@ -17,7 +17,7 @@ import os
 import re
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import dask
 import dask.array as da
@@ -241,7 +241,7 @@ def glm(
         "events_table": json.loads(table.to_json(orient="records")), "versions": versions(),
     }  # fmt: skip
     out = _with_history(out, "glm", parameters)
-    out.attrs["gmfx_design"] = json.dumps({k: v for k, v in parameters.items() if k != "events_table"} | {"events": source})
+    out.attrs["gmfx_design"] = json.dumps({k: v for k, v in parameters.items() if k != "events_table"})
     return out
 
 
