@@ -426,11 +426,11 @@ def generate(
         if shape not in ("mean", "template") or shape not in model:
             raise ParameterError(f"shape={shape!r} is not available", where="generate(shape=...)",
                                  fix="use 'mean', 'template' (when the model has one) or a (vertex, 3) array")  # fmt: skip
-        base = model[shape].data
-        base = base if base.ndim == 3 else base[None].repeat(n_face, axis=0) if isinstance(base, np.ndarray) else da.repeat(base[None], n_face, axis=0)
+        base = da.asarray(model[shape].data)
     else:
-        base = np.broadcast_to(np.asarray(shape, dtype=np.float32), (n_face, n_vertex, 3))
-    base = da.asarray(base)
+        base = da.asarray(np.asarray(shape, dtype=np.float32))
+    if base.ndim == 2:  # one shape (the template, or an array) for every face
+        base = da.broadcast_to(base[None], (n_face, n_vertex, 3))
     v = (base[None].astype(np.float32) + gain * movement.astype(np.float32)).astype(np.float32)
     if colour == "F":
         if "F" not in model or condition not in list(model["f_contrast"].values):

@@ -144,11 +144,6 @@ def write_result(
     return location
 
 
-def open_result(location: Location, stage: str = "glm") -> xr.Dataset:
-    """Open a finished analysis store lazily."""
-    return open_dataset(location, stage=stage)
-
-
 # -- stages over a dataset ---------------------------------------------------------------------------
 def glm(
     recordings: Sequence[Recording],
