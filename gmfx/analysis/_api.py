@@ -12,10 +12,13 @@ Results are Datasets laid out like recon stores (``face``, ``vertex``, ``coord``
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import pickle
 import re
 import warnings
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Literal
 
@@ -82,7 +85,24 @@ def _weights(name: str, spec: Mapping[str, float] | str, conditions: Sequence[st
     return weights
 
 
-def _prepare_face(events, times, valid, motion, *, window, modulators, drift_order, motion_names, ar1, t_weights, f_weights, where):
+#: designs prepared in this process, by digest of their inputs: every vertex-block task of a recording
+#: needs the same one (1-2 s to build for an hour), so a worker builds it once, not once per block
+_PREPARED: OrderedDict[str, _ols.Prepared] = OrderedDict()
+_PREPARED_KEPT = 4
+
+
+def _prepare_face(events, times, valid, motion, **options):
+    digest = hashlib.sha1(pickle.dumps((events, np.asarray(times), None if valid is None else np.asarray(valid),
+                                        None if motion is None else np.asarray(motion), options))).hexdigest()  # fmt: skip
+    prepared = _PREPARED.get(digest)
+    if prepared is None:
+        prepared = _PREPARED[digest] = _build_prepared(events, times, valid, motion, **options)
+        while len(_PREPARED) > _PREPARED_KEPT:
+            _PREPARED.popitem(last=False)
+    return prepared
+
+
+def _build_prepared(events, times, valid, motion, *, window, modulators, drift_order, motion_names, ar1, t_weights, f_weights, where):
     design = _design.build_design(
         events, times, window=window, modulators=modulators, drift_order=drift_order, motion=motion,
         motion_names=motion_names, valid=None if valid is None else np.asarray(valid), where=where,
