@@ -348,3 +348,18 @@ def test_cli_glm_group_and_generate_on_a_dataset(tmp_path, dask_client):
     expected = combined["template"].values[None, None] + combined["beta"].sel(condition="smile").values
     np.testing.assert_allclose(movie["v"].values, expected, rtol=1e-6, atol=1e-9)
     assert movie["effect"].dims == ("time", "face", "vertex") and "tris" in movie
+
+
+def test_an_interrupted_glm_store_is_not_complete_and_resumes(recording, tmp_path):
+    result = gmfx.glm(recording.dataset, recording.events, window=(0, 1.0), motion=None, vertex_chunk=8)
+    target = Location(str(tmp_path / "sub-01_glm.zarr"))
+    plan = stage.plan_result(result, target, stage="glm", source="synthetic")
+    assert len(plan.tasks) == 3
+    first = plan.tasks[0]
+    first.function(*first.args)  # one block written, then the run stops
+    with pytest.raises(gmfx.IncompleteStoreError):
+        gmfx.open_dataset(target, stage="glm")
+    rerun = stage.plan_result(result, target, stage="glm", source="synthetic")
+    assert [task.key for task in rerun.tasks] == [task.key for task in plan.tasks[1:]]  # only the missing blocks
+    stage.write_result(result, target, progress=False, source="synthetic")
+    xr.testing.assert_allclose(gmfx.open_dataset(target, stage="glm")[list(result.data_vars)].compute(), result.compute(), rtol=1e-6)
