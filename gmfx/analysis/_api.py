@@ -167,7 +167,7 @@ def glm(
     ``mean`` (mean shape over the valid samples), ``rho`` (with ``ar1``) (face, vertex, coord),
     ``t`` and ``effect`` (t_contrast, lag, face, vertex, coord), ``F`` (f_contrast, face, vertex, coord), ``dof``
     (face,) (the t and F denominator degrees of freedom; F's numerator has ``lag`` of them), the contrast
-    weights and the design's columns. Nothing is computed until asked.
+    weights. Nothing is computed until asked.
     """
     v = _require(ds, "v", ("time", "face", "vertex", "coord"), "glm")
     rate = _even_rate(ds)
@@ -176,7 +176,7 @@ def glm(
     source = str(events.url if isinstance(events, Location) else "DataFrame" if isinstance(events, pd.DataFrame) else events)
     conditions_fir, pairs = _design.conditions_of(table, modulators, source)
     conditions = tuple(conditions_fir) + tuple(f"{c}:{m}" for c, m in pairs)
-    offsets, lags = _design.fir_lags(window, rate)
+    _, lags = _design.fir_lags(window, rate)
     if drift_order < -1:
         raise ParameterError(f"drift_order={drift_order}", where="glm(drift_order=...)", fix="use -1 (none), 0 (intercept) or more")
     t_contrasts = dict(t_contrasts) if t_contrasts is not None else {c: {c: 1.0} for c in conditions}
