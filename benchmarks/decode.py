@@ -24,7 +24,7 @@ import dask
 from distributed import Client, LocalCluster
 
 from gmfx.dataset import find_recordings
-from gmfx.stages.decode import COMPRESSION_LEVEL, decode
+from gmfx.stages.decode import COMPRESSION_LEVEL, run_decode
 from gmfx.storage import Location
 from gmfx.testing._videos import write_bids_recording, write_video
 
@@ -60,7 +60,7 @@ def gmfx_decode(
     shutil.rmtree(out, ignore_errors=True)
     cpu = sum(client.run(time.process_time).values())
     start = time.perf_counter()
-    decode(
+    run_decode(
         recordings, Location(str(out)), client=client, compression_level=level, segment_frames=segment_frames,
         progress=False,
     )

@@ -25,8 +25,8 @@ import time
 import numpy as np
 
 from gmfx.dataset import find_recordings
-from gmfx.stages.decode import decode
-from gmfx.stages.recon import recon
+from gmfx.stages.decode import run_decode
+from gmfx.stages.recon import run_recon
 from gmfx.storage import Location, store_location
 from gmfx.testing._videos import write_video, write_bids_recording
 
@@ -78,7 +78,7 @@ def gmfx_recon(recordings, out: Location, workers: int) -> float:
         client.wait_for_workers(workers)
         client.run(importlib.import_module, "mediapipe")
         start = time.perf_counter()
-        recon(recordings, out, client=client, overwrite=True, progress=False)
+        run_recon(recordings, out, client=client, overwrite=True, progress=False)
         return time.perf_counter() - start
 
 
@@ -95,7 +95,7 @@ def main() -> None:
         from distributed import Client, LocalCluster
 
         with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
-            decode(recordings, out, client=client, progress=False)
+            run_decode(recordings, out, client=client, progress=False)
         frames_store = store_location(out, recordings[0], "decode")
         n = args.frames
         plain = baseline(frames_store)

@@ -3,8 +3,8 @@
 The public API, by name::
 
     recordings = gmfx.find_recordings("/data/study", participant_label="01")
-    gmfx.decode(recordings, out, client=client)          # stages over a Dask client ...
-    gmfx.recon(recordings, out, client=client)
+    gmfx.run_decode(recordings, out, client=client)      # stages over a Dask client ...
+    gmfx.run_recon(recordings, out, client=client)
     ds = gmfx.open_recon(url)                            # ... or lazy xarray operations
     ds = gmfx.filter(gmfx.interpolate(gmfx.align(ds)))
     epochs = gmfx.epoch(ds, "sub-01_task-mini_events.tsv")
@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # the same names, imported for type checkers and IDEs
         EventsError,
         FrameTimesError,
         GmfxError,
+        GmfxWarning,
         IncompleteStoreError,
         ModelError,
         ParameterError,
@@ -31,17 +32,17 @@ if TYPE_CHECKING:  # the same names, imported for type checkers and IDEs
         VideoError,
     )
     from gmfx._example import write_example_dataset
+    from gmfx._study import IncompleteStudyWarning, open_study
     from gmfx.analysis import Design, build_design, components, generate, glm, group
     from gmfx.cluster import connect
     from gmfx.dataset import Recording, find_recordings
     from gmfx.models import Backend, Topology, available_backends, get_backend, register_backend
     from gmfx.pipeline import RecordingSummary, run_pipeline
     from gmfx.preproc import MOTION_PARAMS, align, epoch, filter, interpolate, open_recon
-    from gmfx.stages.decode import decode, open_frames
-    from gmfx.stages.preproc import epochs, preproc, write_lazy
-    from gmfx.stages.recon import recon
-    from gmfx.storage import Location, RegionStore, open_dataset, store_location
-    from gmfx.types import Region, Stage, Task
+    from gmfx.stages.decode import open_frames, run_decode
+    from gmfx.stages.preproc import run_epochs, run_preproc
+    from gmfx.stages.recon import run_recon
+    from gmfx.storage import Location, LocationLike, open_store
 
 #: public name -> module that defines it; each is imported on first use, so ``import gmfx`` (and the
 #: ``gmfx`` command's start-up) stays fast
@@ -51,12 +52,15 @@ _LAZY = {
     "EventsError": "gmfx._errors",
     "FrameTimesError": "gmfx._errors",
     "GmfxError": "gmfx._errors",
+    "GmfxWarning": "gmfx._errors",
     "IncompleteStoreError": "gmfx._errors",
     "ModelError": "gmfx._errors",
     "ParameterError": "gmfx._errors",
     "StorageError": "gmfx._errors",
     "VideoError": "gmfx._errors",
     "write_example_dataset": "gmfx._example",
+    "IncompleteStudyWarning": "gmfx._study",
+    "open_study": "gmfx._study",
     "connect": "gmfx.cluster",
     "Recording": "gmfx.dataset",
     "find_recordings": "gmfx.dataset",
@@ -73,19 +77,14 @@ _LAZY = {
     "filter": "gmfx.preproc",
     "interpolate": "gmfx.preproc",
     "open_recon": "gmfx.preproc",
-    "decode": "gmfx.stages.decode",
     "open_frames": "gmfx.stages.decode",
-    "epochs": "gmfx.stages.preproc",
-    "preproc": "gmfx.stages.preproc",
-    "write_lazy": "gmfx.stages.preproc",
-    "recon": "gmfx.stages.recon",
+    "run_decode": "gmfx.stages.decode",
+    "run_epochs": "gmfx.stages.preproc",
+    "run_preproc": "gmfx.stages.preproc",
+    "run_recon": "gmfx.stages.recon",
     "Location": "gmfx.storage",
-    "RegionStore": "gmfx.storage",
-    "open_dataset": "gmfx.storage",
-    "store_location": "gmfx.storage",
-    "Region": "gmfx.types",
-    "Stage": "gmfx.types",
-    "Task": "gmfx.types",
+    "LocationLike": "gmfx.storage",
+    "open_store": "gmfx.storage",
     # analysis: the generative model of facial expressions
     "Design": "gmfx.analysis",
     "build_design": "gmfx.analysis",
@@ -108,24 +107,25 @@ __all__ = [
     "ClusterError",
     "ModelError",
     "ParameterError",
+    "GmfxWarning",
     # datasets and storage
     "Location",
+    "LocationLike",
     "Recording",
     "find_recordings",
     "write_example_dataset",
-    "RegionStore",
-    "open_dataset",
-    "store_location",
     # stages over a cluster
     "connect",
-    "decode",
-    "recon",
-    "preproc",
-    "epochs",
+    "run_decode",
+    "run_recon",
+    "run_preproc",
+    "run_epochs",
     "run_pipeline",
     "RecordingSummary",
-    "write_lazy",
     # lazy xarray operations
+    "open_store",
+    "open_study",
+    "IncompleteStudyWarning",
     "open_frames",
     "open_recon",
     "align",
@@ -139,10 +139,6 @@ __all__ = [
     "available_backends",
     "get_backend",
     "register_backend",
-    # small typed descriptions
-    "Stage",
-    "Region",
-    "Task",
     # analysis (lazy): design from events, mass-univariate GLM, group level, generated movements, components
     "Design",
     "build_design",

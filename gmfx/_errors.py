@@ -20,6 +20,8 @@ __all__ = [
     "ClusterError",
     "ModelError",
     "ParameterError",
+    "GmfxWarning",
+    "parameter",
 ]
 
 
@@ -92,3 +94,25 @@ class ModelError(GmfxError, ValueError):
 
 class ParameterError(GmfxError, ValueError):
     """An option has a value that cannot work (e.g. a cut-off above Nyquist)."""
+
+
+class GmfxWarning(UserWarning):
+    """Base class of every warning gmfx gives on purpose: what happened, where, and what to do about it.
+
+    Filter them all with ``warnings.simplefilter("ignore", gmfx.GmfxWarning)``.
+    """
+
+    def __init__(self, what: str, *, where: str | None = None, fix: str | None = None) -> None:
+        self.what = what
+        self.where = where
+        self.fix = fix
+        super().__init__(what)
+
+    def __str__(self) -> str:
+        return GmfxError.__str__(self)  # type: ignore[arg-type]
+
+
+def parameter(function: str, name: str) -> str:
+    """How an error names a parameter of a library function: ``run_recon(max_faces=...)``; the command
+    line shows it as its option (``--max-faces``)."""
+    return f"{function}({name}=...)"

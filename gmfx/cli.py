@@ -10,6 +10,7 @@ import contextlib
 import functools
 import inspect
 import logging
+import re
 import sys
 import typing
 from collections.abc import Callable, Iterator
@@ -156,11 +157,28 @@ def _session(
         )
         yield selection
     except GmfxError as error:
-        typer.echo(redact(f"error: {error}", options), err=True)
+        typer.echo(redact(f"error: {_in_flags(str(error))}", options), err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         typer.echo("interrupted: finished regions are kept; run the same command again to resume", err=True)
         raise typer.Exit(130) from None
+
+
+#: library parameters whose command-line option has another name
+_FLAG_NAMES = {"options": "model-option", "model_options": "model-option", "storage_options": "storage-option"}
+
+
+def _in_flags(message: str) -> str:
+    """A library error in the command line's words: ``run_recon(max_faces=...)`` becomes ``--max-faces``, ``run_recon(device="cpu")`` ``--device cpu``,
+    where the command line has that option (parameters it does not expose keep their library name)."""
+    flags = {opt for command in typer.main.get_command(app).commands.values() for p in command.params for opt in p.opts}
+
+    def flag(match: re.Match) -> str:
+        name = "--" + _FLAG_NAMES.get(match[2], match[2]).replace("_", "-")
+        value = "" if match[3] == "..." else " " + match[3].strip("'\"")
+        return name + value if name in flags else match[0]
+
+    return re.sub(r"\b(\w+)\((\w+)=(\.\.\.|\"[^\"]*\"|'[^']*'|[\w.:-]+)\)", flag, message)
 
 
 #: the options every dataset command takes, in the order --help shows them
@@ -221,7 +239,7 @@ def decode(
 
       gmfx decode s3://lab/study --out s3://lab/derivatives/gmfx -s client_kwargs.endpoint_url=http://127.0.0.1:9000
     """
-    from gmfx.stages.decode import decode as run_decode
+    from gmfx.stages.decode import run_decode
 
     recordings = sel.recordings()
     with sel.client() as client:
@@ -277,7 +295,7 @@ def recon(
 
       gmfx recon s3://lab/study --scheduler tcp://10.0.0.5:8786 --device cuda --max-faces 2
     """
-    from gmfx.stages.recon import recon as run_recon
+    from gmfx.stages.recon import run_recon
 
     recordings = sel.recordings()
     with sel.client(gpus=_local_gpus(sel, device)) as client:
@@ -369,7 +387,7 @@ def preproc(
 
       gmfx preproc /data/study --highpass 0 --lowpass 0      # align and interpolate only
     """
-    from gmfx.stages.preproc import preproc as run_preproc
+    from gmfx.stages.preproc import run_preproc
 
     recordings = sel.recordings()
     with sel.client() as client:
@@ -461,7 +479,7 @@ def epoch(
 
       gmfx epoch /data/study --anchor warp --baseline mean
     """
-    from gmfx.stages.preproc import epochs as run_epochs
+    from gmfx.stages.preproc import run_epochs
 
     recordings = sel.recordings()
     with sel.client() as client:

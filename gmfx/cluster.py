@@ -5,14 +5,18 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import psutil
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 
-from gmfx._errors import ClusterError
+from gmfx._errors import ClusterError, ModelError, ParameterError, parameter
 from gmfx._version import __version__
 
-__all__ = ["connect", "gpu_worker_specs", "gpu_workers", "local_gpu_count", "require_resource"]
+if TYPE_CHECKING:
+    from gmfx.models import Backend
+
+__all__ = ["GPU_FIX", "connect", "gpu_worker_specs", "gpu_workers", "local_gpu_count", "require_resource", "resolve_device"]
 
 
 @contextlib.contextmanager
@@ -134,3 +138,36 @@ def _workers(client: Client) -> dict[str, dict]:
 
 def _workers_offering(workers: dict[str, dict], resource: str) -> list[str]:
     return sorted(address for address, worker in workers.items() if worker.get("resources", {}).get(resource, 0) >= 1)
+
+
+#: how to get a GPU worker, for messages that need one
+GPU_FIX = (
+    "start workers that offer a GPU: `dask worker SCHEDULER_ADDRESS --resources GPU=1` (one per GPU); "
+    "for a local cluster use gmfx.connect(gpus=N) (the gmfx command without --scheduler starts one GPU "
+    "worker per visible NVIDIA GPU by itself); or run on the CPU with run_recon(device='cpu')"
+)
+
+
+def resolve_device(backend: type[Backend], device: str, client: Client | None = None) -> str:
+    """The concrete device (``cpu``/``cuda``/``cuda:N``) for ``device`` (``auto`` picks cuda when a GPU
+    worker exists and the backend runs on it); never touches CUDA in this process."""
+    if device != "auto" and device != "cpu" and not device.startswith("cuda"):
+        raise ParameterError(
+            f"unknown device {device!r}", where=parameter("run_recon", "device"), fix="use auto, cpu, cuda or cuda:N"
+        )
+    if device == "auto":
+        has_gpu = backend.requires_gpu or bool(client is not None and gpu_workers(client))
+        device = "cuda" if has_gpu and "cuda" in backend.devices else "cpu"
+    if backend.requires_gpu and device == "cpu":
+        raise ModelError(
+            f"the model {backend.name!r} needs a GPU and cannot run on the CPU",
+            where=parameter("run_recon", "device"),
+            fix='use run_recon(device="cuda") (or "auto") on a cluster with GPU workers, or choose a CPU model',
+        )
+    if device.split(":")[0] not in backend.devices:
+        raise ModelError(
+            f"the model {backend.name!r} runs on {', '.join(backend.devices)} only, not on {device}",
+            where=parameter("run_recon", "device"),
+            fix=f'use run_recon(device="{backend.devices[0]}") (or "auto")',
+        )
+    return device

@@ -15,8 +15,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gmfx._errors import DatasetError
-from gmfx.storage._location import Location
+from gmfx._errors import DatasetError, parameter
+from gmfx.storage._location import Location, LocationLike, as_location
 
 __all__ = ["Recording", "find_recordings", "normalize_participant_label", "VIDEO_EXTENSIONS"]
 
@@ -78,21 +78,21 @@ def normalize_participant_label(label: str) -> str:
     if "/" in raw or "\\" in raw or ".." in raw:
         raise DatasetError(
             f"participant label {label!r} contains a path separator or '..'",
-            where="--participant-label",
-            fix="give the label only, e.g. --participant-label 01 or --participant-label sub-01",
+            where=parameter("find_recordings", "participant_label"),
+            fix="give the label only, e.g. 01 or sub-01",
         )
     value = raw.removeprefix("sub-")
     if not re.fullmatch(_LABEL, value):
         raise DatasetError(
             f"participant label {label!r} is not a BIDS label (letters and digits only)",
-            where="--participant-label",
-            fix="give the label only, e.g. --participant-label 01",
+            where=parameter("find_recordings", "participant_label"),
+            fix="give the label only, e.g. 01",
         )
     return value
 
 
 def find_recordings(
-    bids_dir: str | Location,
+    bids_dir: LocationLike,
     *,
     participant_label: Iterable[str] | str | None = None,
     task: Iterable[str] | str | None = None,
@@ -109,7 +109,7 @@ def find_recordings(
     task
         Keep only these tasks.
     storage_options
-        fsspec options for a remote ``bids_dir`` (ignored when ``bids_dir`` is a ``Location``).
+        fsspec options for a remote ``bids_dir`` (added to those of a ``Location``).
 
     Raises
     ------
@@ -117,7 +117,7 @@ def find_recordings(
         The folder does not exist or cannot be listed, a selected participant or task does not exist,
         or no recording is found.
     """
-    root = bids_dir if isinstance(bids_dir, Location) else Location(str(bids_dir), storage_options or {})
+    root = as_location(bids_dir, storage_options, where="bids_dir")
     subjects = _as_set(participant_label, normalize_participant_label)
     tasks = _as_set(task, lambda t: t.removeprefix("task-"))
     fs, root_path = _filesystem(root)

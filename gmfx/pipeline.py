@@ -15,15 +15,14 @@ from typing import Any
 import numpy as np
 from distributed import Client
 
+from gmfx._checks import check_options
 from gmfx._errors import StorageError
 from gmfx._execute import one_display
 from gmfx.dataset import Recording
-from gmfx.storage import Location, RegionStore, open_dataset, store_location
+from gmfx.types import STAGES
+from gmfx.storage import Location, LocationLike, RegionStore, as_location, open_dataset, store_location
 
-__all__ = ["RecordingSummary", "run_pipeline", "run_step", "STEP_INPUTS"]
-
-#: the store each single preprocessing step reads, as in the original tool's chain
-STEP_INPUTS = {"align": "recon", "interpolate": "align", "filter": "interpolate"}
+__all__ = ["RecordingSummary", "run_pipeline", "run_step"]
 
 
 @dataclass(frozen=True)
@@ -38,7 +37,7 @@ class RecordingSummary:
 
 def run_pipeline(
     recordings: Sequence[Recording],
-    out: Location,
+    out: LocationLike,
     *,
     client: Client,
     decode_options: Mapping[str, Any] | None = None,
@@ -47,14 +46,30 @@ def run_pipeline(
     epoch_options: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> tuple[list[RecordingSummary], dict[str, float]]:
     """Run every stage for ``recordings``; return a summary per recording and seconds per stage.
 
-    Epochs are cut for the recordings that have an ``_events.tsv``.
+    Epochs are cut for the recordings that have an ``_events.tsv``. ``out`` is a path, URL (with
+    ``storage_options``) or :class:`Location`.
     """
-    from gmfx.stages.decode import decode
-    from gmfx.stages.preproc import epochs, preproc
-    from gmfx.stages.recon import recon
+    from gmfx import preproc as gmfx_preproc
+    from gmfx.preproc import epoch
+    from gmfx.stages.decode import run_decode
+    from gmfx.stages.preproc import run_epochs, run_preproc
+    from gmfx.stages.recon import run_recon
+
+    out = as_location(out, storage_options, where="out")
+    for name, options, target in (
+        ("decode_options", decode_options, run_decode),
+        ("recon_options", recon_options, run_recon),
+        ("preproc_options", preproc_options, run_preproc),
+        ("epoch_options", epoch_options, epoch),
+    ):
+        check_options(options, target, function="run_pipeline", name=name)
+    for step, value in dict(preproc_options or {}).items():
+        if isinstance(value, Mapping):  # the steps' own options, before any stage runs
+            check_options(value, getattr(gmfx_preproc, step), function="run_pipeline", name=f"preproc_options[{step!r}]")
 
     timings: dict[str, float] = {}
 
@@ -66,10 +81,10 @@ def run_pipeline(
         timings[name] = time.perf_counter() - start
 
     with one_display(enabled=progress):  # one display for the whole run, a row per stage
-        timed("decode", decode, recordings, decode_options)
-        timed("recon", recon, recordings, recon_options)
-        timed("preproc", preproc, recordings, preproc_options)
-        timed("epoch", epochs, [r for r in recordings if r.events is not None], epoch_options)
+        timed("decode", run_decode, recordings, decode_options)
+        timed("recon", run_recon, recordings, recon_options)
+        timed("preproc", run_preproc, recordings, preproc_options)
+        timed("epoch", run_epochs, [r for r in recordings if r.events is not None], epoch_options)
     return [_summarize(recording, out) for recording in recordings], timings
 
 
@@ -92,12 +107,13 @@ def _summarize(recording: Recording, out: Location) -> RecordingSummary:
 def run_step(
     step: str,
     recordings: Sequence[Recording],
-    out: Location,
+    out: LocationLike,
     *,
     client: Client,
     options: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> list[Location]:
     """Run one preprocessing step on its own store, as the original tool's ``gmfx_align``,
     ``gmfx_interpolate`` and ``gmfx_filter`` do: align reads the recon store and writes
@@ -106,7 +122,8 @@ def run_step(
     """
     from gmfx.stages.preproc import run_chain
 
-    source_step = STEP_INPUTS[step]
+    out = as_location(out, storage_options, where="out")
+    source_step = STAGES[step].reads
     sources = [store_location(out, recording, source_step) for recording in recordings]
     for source in sources:
         if RegionStore(source, source_step).attrs() is None:

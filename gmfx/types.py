@@ -4,29 +4,48 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-__all__ = ["Stage", "Region", "Task", "split_regions"]
+__all__ = ["STAGES", "Stage", "Region", "Task", "split_regions"]
 
 
 @dataclass(frozen=True)
 class Stage:
-    """What a stage reads and writes, and where it must run.
+    """A stage of the pipeline: the store it writes per recording, what it reads, and where it runs.
 
     Attributes
     ----------
     name
-        ``decode``, ``recon``, ...
-    reads, writes
-        Store kinds (``frames``, ``recon``, ...) read and written per recording.
-    requires_gpu
-        Tasks must run on a worker that offers the ``GPU`` resource.
+        ``decode``, ``recon``, ... (the command's name)
+    suffix
+        Its store per recording: ``<out>/sub-XX/[ses-YY/]<recording>_<suffix>.zarr``.
+    reads
+        The stage whose store it reads (``None``: the videos).
+    gpu
+        ``"model"``: its tasks need a worker offering the ``GPU`` resource when the reconstruction model
+        runs on a GPU; ``"never"``: any worker.
     """
 
     name: str
-    reads: tuple[str, ...]
-    writes: tuple[str, ...]
-    requires_gpu: bool = False
+    suffix: str
+    reads: str | None
+    gpu: Literal["never", "model"] = "never"
+
+
+#: every stage, by name: the one table of store suffixes, inputs and GPU needs
+STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage("decode", "frames", reads=None),
+        Stage("recon", "recon", reads="decode", gpu="model"),
+        Stage("preproc", "preproc", reads="recon"),  # align -> interpolate -> filter in one graph
+        Stage("epoch", "epochs", reads="preproc"),  # and the recording's _events.tsv
+        # the single steps, as in the original tool (gmfx_align -> gmfx_interpolate -> gmfx_filter)
+        Stage("align", "aligned", reads="recon"),
+        Stage("interpolate", "interpolated", reads="align"),
+        Stage("filter", "filtered", reads="interpolate"),
+    )
+}
 
 
 @dataclass(frozen=True)

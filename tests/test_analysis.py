@@ -21,7 +21,7 @@ import gmfx
 from gmfx.analysis import _ols
 from gmfx.stages import glm as stage
 from gmfx.stages.preproc import write_lazy
-from gmfx.storage import Location
+from gmfx.storage import Location, open_dataset
 from gmfx.testing import synthetic_responses
 
 GAPS = [(500, 530), (2000, 2003)]
@@ -211,12 +211,12 @@ def test_peak_memory_is_bounded_by_the_block_on_a_long_recording(tmp_path):
 def test_glm_store_on_s3_equals_the_lazy_fit_and_carries_provenance(recording, fit, s3_root):
     source = s3_root.child("sub-01_task-x_preproc.zarr")
     write_lazy(recording.dataset.chunk({"time": 1500}), source, stage="preproc", progress=False)  # 2 regions: few requests
-    remote = gmfx.open_dataset(source, stage="preproc")
+    remote = open_dataset(source, stage="preproc")
     result = gmfx.glm(remote, recording.events, window=(0, 1.0), modulators=["intensity"], vertex_chunk=12,
                       t_contrasts={"smile-frown": "smile - frown"}, f_contrasts={"smile": {"smile": 1}, "any": "smile + frown"})  # fmt: skip
     target = s3_root.child("sub-01_task-x_glm.zarr")
     stage.write_result(result, target, progress=False, source=source.url)
-    stored = gmfx.open_dataset(target, stage="glm")
+    stored = open_dataset(target, stage="glm")
     xr.testing.assert_allclose(stored[list(fit.data_vars)].compute(), fit, rtol=1e-5, atol=1e-9)
     design = json.loads(stored.attrs["gmfx_design"])
     assert design["t_contrasts"] == {"smile-frown": {"frown": -1.0, "smile": 1.0, "frown:intensity": 0.0, "smile:intensity": 0.0}}
@@ -336,15 +336,15 @@ def test_cli_glm_group_and_generate_on_a_dataset(tmp_path, dask_client):
     common = [str(root), "--scheduler", dask_client.scheduler.address, "--no-progress"]
     result = CliRunner().invoke(app, ["glm", *common, "--window-end", "0.5", "--t-contrast", "diff=smile - frown", "--ar1", "--group"])
     assert result.exit_code == 0, result.output
-    fit = gmfx.open_dataset(out.child("sub-01", "sub-01_task-faces_glm.zarr"), stage="glm")
+    fit = open_dataset(out.child("sub-01", "sub-01_task-faces_glm.zarr"), stage="glm")
     assert list(fit["t_contrast"].values) == ["diff"] and "rho" in fit
     assert json.loads(fit.attrs["gmfx_design"])["ar1"] is True
     assert np.abs((fit["beta"].values[:, :, 0] - truths[0].response) / fit["se"].values[:, :, 0]).max() < 6
-    combined = gmfx.open_dataset(out.child("group", "task-faces_glm.zarr"), stage="glm")
+    combined = open_dataset(out.child("group", "task-faces_glm.zarr"), stage="glm")
     assert int(combined["random_dof"]) == 1 and combined.sizes["fit"] == 2
     result = CliRunner().invoke(app, ["generate", *common, "--condition", "smile", "--shape", "template", "--group"])
     assert result.exit_code == 0, result.output
-    movie = gmfx.open_dataset(out.child("group", "task-faces_cond-smile_generated.zarr"), stage="generate")
+    movie = open_dataset(out.child("group", "task-faces_cond-smile_generated.zarr"), stage="generate")
     expected = combined["template"].values[None, None] + combined["beta"].sel(condition="smile").values
     np.testing.assert_allclose(movie["v"].values, expected, rtol=1e-6, atol=1e-9)
     assert movie["effect"].dims == ("time", "face", "vertex") and "tris" in movie
@@ -358,8 +358,8 @@ def test_an_interrupted_glm_store_is_not_complete_and_resumes(recording, tmp_pat
     first = plan.tasks[0]
     first.function(*first.args)  # one block written, then the run stops
     with pytest.raises(gmfx.IncompleteStoreError):
-        gmfx.open_dataset(target, stage="glm")
+        open_dataset(target, stage="glm")
     rerun = stage.plan_result(result, target, stage="glm", source="synthetic")
     assert [task.key for task in rerun.tasks] == [task.key for task in plan.tasks[1:]]  # only the missing blocks
     stage.write_result(result, target, progress=False, source="synthetic")
-    xr.testing.assert_allclose(gmfx.open_dataset(target, stage="glm")[list(result.data_vars)].compute(), result.compute(), rtol=1e-6)
+    xr.testing.assert_allclose(open_dataset(target, stage="glm")[list(result.data_vars)].compute(), result.compute(), rtol=1e-6)

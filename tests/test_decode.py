@@ -15,7 +15,7 @@ from distributed import Client
 import gmfx.stages.decode as decode_stage
 from gmfx._errors import FrameTimesError, IncompleteStoreError, ParameterError, StorageError, VideoError
 from gmfx.dataset import Recording, find_recordings
-from gmfx.stages.decode import decode, default_chunk_frames, open_frames, plan_decode
+from gmfx.stages.decode import default_chunk_frames, open_frames, plan_decode, run_decode
 from gmfx.storage import Location, RegionStore, store_location
 from gmfx.testing._videos import write_bids_recording, write_video
 
@@ -102,7 +102,7 @@ def test_stores_equal_a_sequential_decode_on_a_cluster(
 ):
     selected = recordings(dataset, task)
     out = Location(str(tmp_path / "out"))
-    stores = decode(
+    stores = run_decode(
         selected, out, client=dask_client, chunk_frames=chunk_frames, segment_frames=segment_frames, progress=False
     )
     assert stores == [store_location(out, r, "decode") for r in selected]
@@ -115,7 +115,7 @@ def test_stores_equal_a_sequential_decode_on_a_cluster(
 def test_round_trip_on_every_storage(any_root, dataset):
     selected = [r for r in recordings(dataset, "gen") if r.subject == "03"]
     with Client(processes=False, n_workers=1, threads_per_worker=2, dashboard_address=None) as client:
-        (store,) = decode(selected, any_root, client=client, chunk_frames=8, segment_frames=16, progress=False)
+        (store,) = run_decode(selected, any_root, client=client, chunk_frames=8, segment_frames=16, progress=False)
     assert store.url.endswith("sub-03/sub-03_task-gen_frames.zarr")
     assert_store_equals_video(store, selected[0], chunk_frames=8)
     np.testing.assert_allclose(open_frames(store)["time"].values, VFR_TIMES, atol=1 / 90000)
@@ -130,7 +130,7 @@ def test_dataset_on_s3_decoded_by_worker_processes(dask_client, s3_root):
     write_bids_recording(root, subject="02", task="s3", video=dict(n_frames=20, width=97, height=75, pix_fmt="yuv444p"))
     selected = find_recordings(root)
     out = s3_root.child("out")
-    stores = decode(selected, out, client=dask_client, chunk_frames=8, segment_frames=16, progress=False)
+    stores = run_decode(selected, out, client=dask_client, chunk_frames=8, segment_frames=16, progress=False)
     for store, recording in zip(stores, selected):
         assert store.url.startswith("s3://")
         assert_store_equals_video(store, recording, chunk_frames=8)
@@ -139,7 +139,7 @@ def test_dataset_on_s3_decoded_by_worker_processes(dask_client, s3_root):
 def test_frame_times_tsv_is_used(dataset, tmp_path):
     (recording,) = recordings(dataset, "times")
     with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
-        (store,) = decode([recording], Location(str(tmp_path)), client=client, chunk_frames=16, progress=False)
+        (store,) = run_decode([recording], Location(str(tmp_path)), client=client, chunk_frames=16, progress=False)
     ds = open_frames(store)  # the time coordinate is in memory, no computation
     np.testing.assert_array_equal(ds["time"].values, FRAME_TIMES)
     assert ds.attrs["frame_times_source"] == recording.frametimes.url
@@ -148,7 +148,7 @@ def test_frame_times_tsv_is_used(dataset, tmp_path):
 def test_downscaled_store(dataset, tmp_path):
     recording = next(r for r in recordings(dataset, "real") if r.subject == "01")
     with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
-        (store,) = decode([recording], Location(str(tmp_path)), client=client, max_size=160, progress=False)
+        (store,) = run_decode([recording], Location(str(tmp_path)), client=client, max_size=160, progress=False)
     with dask.config.set(scheduler="synchronous"):
         ds = open_frames(store).load()
     assert ds["frames"].shape == (72, 90, 160, 3)
@@ -188,7 +188,7 @@ def test_resume_decodes_only_the_missing_regions(dataset, tmp_path, monkeypatch)
     with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
         failing_start = 36  # the last of 4 regions of 12 frames
         with pytest.raises(Exception, match="injected failure"):
-            decode([recording], out, client=client, chunk_frames=4, segment_frames=12, progress=False)
+            run_decode([recording], out, client=client, chunk_frames=4, segment_frames=12, progress=False)
         store = RegionStore(store_location(out, recording, "decode"), "decode")
         assert not store.is_complete()
         with pytest.raises(IncompleteStoreError):
@@ -201,9 +201,9 @@ def test_resume_decodes_only_the_missing_regions(dataset, tmp_path, monkeypatch)
         plan = plan_decode(recording, out, chunk_frames=4, segment_frames=12)
         assert [int(t.key.rsplit("-", 1)[1]) for t in plan.tasks] == missing
         decoded_starts.clear()
-        decode([recording], out, client=client, chunk_frames=4, segment_frames=12, progress=False)
+        run_decode([recording], out, client=client, chunk_frames=4, segment_frames=12, progress=False)
         assert sorted(decoded_starts) == [12 * i for i in missing]
-        clean = decode(
+        clean = run_decode(
             [recording], Location(str(tmp_path / "clean")), client=client, chunk_frames=4, segment_frames=12,
             progress=False,
         )
@@ -218,13 +218,13 @@ def test_other_parameters_need_overwrite(dataset, tmp_path):
     recording = next(r for r in recordings(dataset, "gen") if r.subject == "04")
     out = Location(str(tmp_path))
     with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
-        decode([recording], out, client=client, chunk_frames=8, progress=False)
+        run_decode([recording], out, client=client, chunk_frames=8, progress=False)
         with pytest.raises(StorageError, match="other inputs or parameters") as error:
             plan_decode(recording, out, chunk_frames=4)
         assert store_location(out, recording, "decode").url in str(error.value)
         plan = plan_decode(recording, out, chunk_frames=4, overwrite=True)
         assert len(plan.tasks) == plan.regions
-        (store,) = decode([recording], out, client=client, chunk_frames=4, progress=False)
+        (store,) = run_decode([recording], out, client=client, chunk_frames=4, progress=False)
     assert_store_equals_video(store, recording, chunk_frames=4)
 
 
@@ -253,7 +253,7 @@ def test_corrupted_video_fails_and_nothing_is_complete(tmp_path):
     out = Location(str(tmp_path / "out"))
     with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
         with pytest.raises(VideoError, match=r"cannot be decoded near frame (3[7-9]|4[01])") as error:
-            decode([recording], out, client=client, chunk_frames=8, segment_frames=16, progress=False)
+            run_decode([recording], out, client=client, chunk_frames=8, segment_frames=16, progress=False)
     assert video.url in str(error.value)
     store = RegionStore(store_location(out, recording, "decode"), "decode")
     assert not store.is_complete() and 2 not in store.done_regions()
@@ -303,5 +303,5 @@ def test_default_chunk_frames_stay_under_64_mib(width, height, frames):
 @pytest.mark.parametrize("option", ["chunk_frames", "segment_frames", "max_size"])
 def test_bad_parameters(dataset, tmp_path, option):
     recording = recordings(dataset, "gen")[0]
-    with pytest.raises(ParameterError, match=re.escape(f"--{option.replace('_', '-')}")):
+    with pytest.raises(ParameterError, match=re.escape(f"run_decode({option}=...)")):
         plan_decode(recording, Location(str(tmp_path)), **{option: 0})

@@ -11,7 +11,8 @@ from gmfx.models import Face, Outputs, Topology, available_backends, get_backend
 from gmfx.models._geometry import similarity_fit
 from gmfx.models._tracking import assign_slots, match_points, stitch_segments, track_faces
 from gmfx.models.mediapipe import MediaPipeBackend, carried_scores, landmark_array, landmarks_to_pixels
-from gmfx.stages.recon import pack_faces, segment_ends
+from gmfx.models._output import pack_faces
+from gmfx.models._tracking import segment_ends
 from gmfx.testing._backends import BrightSquareBackend as SquareBackend, check_backend
 from gmfx.testing._faces import astronaut_motion
 

@@ -22,7 +22,7 @@ def astronaut(tmp_path_factory, request):
     recordings = gmfx.find_recordings(str(root / "bids"))
     out = Location(str(root / "out"))
     client = request.getfixturevalue("dask_client")
-    gmfx.recon(recordings, out, client=client, device="cpu", progress=False)
+    gmfx.run_recon(recordings, out, client=client, device="cpu", progress=False)
     return motion, gmfx.open_recon(store_location(out, recordings[0], "recon"))
 
 

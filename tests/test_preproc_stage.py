@@ -8,7 +8,7 @@ import xarray as xr
 
 from gmfx import EventsError, IncompleteStoreError
 from gmfx.dataset import Recording
-from gmfx.stages.preproc import chain, epochs, preproc, run_chain
+from gmfx.stages.preproc import chain, run_chain, run_epochs, run_preproc
 from gmfx.storage import Location, RegionStore, open_dataset, store_location
 from gmfx.testing._synthetic import synthetic_face, write_synthetic_recon
 
@@ -47,12 +47,12 @@ def test_chain_on_s3_equals_local_and_the_lazy_result(tmp_path, s3_root):
         recording = _recording(root)
         out = root.child("derivatives", "gmfx")
         _write_recon(out, recording)
-        (location,) = preproc([recording], out, filter=FILTER, progress=False)
+        (location,) = run_preproc([recording], out, filter=FILTER, progress=False)
         assert location == store_location(out, recording, "preproc")
         written = open_dataset(location, stage="preproc")
         assert not RegionStore(Location(location.url.removesuffix(".zarr") + "-unfiltered.zarr", location.storage_options), "preproc").attrs()
         results.append(written)
-        (epoch_location,) = epochs([recording], out, start=-0.2, end=0.5, progress=False)
+        (epoch_location,) = run_epochs([recording], out, start=-0.2, end=0.5, progress=False)
         results.append(open_dataset(epoch_location, stage="epoch"))
     local, local_epochs, remote, remote_epochs = results
     expected = _expected(Location(str(tmp_path / "bids" / "derivatives" / "gmfx")), _recording(Location(str(tmp_path / "bids"))))
@@ -73,7 +73,7 @@ def test_stage_on_a_dask_cluster_without_filter_and_resume(tmp_path, dask_client
     out = root.child("out")
     _write_recon(out, recording)
     target = store_location(out, recording, "preproc")
-    preproc([recording], out, client=dask_client, filter=False, interpolate={"method": "pchip"}, progress=False)
+    run_preproc([recording], out, client=dask_client, filter=False, interpolate={"method": "pchip"}, progress=False)
     written = open_dataset(target, stage="preproc")
     expected = chain(open_dataset(store_location(out, recording, "recon"), stage="recon"),
                      interpolate={"method": "pchip"}, filter=False)  # fmt: skip
@@ -86,7 +86,7 @@ def test_stage_on_a_dask_cluster_without_filter_and_resume(tmp_path, dask_client
     fs.pipe_file(f"{path}/zarr.json", group_attrs.replace(b'"gmfx_complete": true', b'"gmfx_complete": false'))
     with pytest.raises(IncompleteStoreError):
         open_dataset(target, stage="preproc")
-    preproc([recording], out, client=dask_client, filter=False, interpolate={"method": "pchip"}, progress=False)
+    run_preproc([recording], out, client=dask_client, filter=False, interpolate={"method": "pchip"}, progress=False)
     np.testing.assert_allclose(open_dataset(target, stage="preproc").v.values, expected.v.values, atol=1e-6)
 
 
@@ -102,7 +102,7 @@ def test_epochs_without_events_file_is_an_events_error(tmp_path):
     root = Location(str(tmp_path / "bids"))
     recording = _recording(root, events=False)
     with pytest.raises(EventsError, match="no events file") as info:
-        epochs([recording], root.child("out"), progress=False)
+        run_epochs([recording], root.child("out"), progress=False)
     assert "sub-01_task-faces_events.tsv" in str(info.value)
 
 
@@ -113,8 +113,8 @@ def test_string_coordinates_are_written_without_zarr_warnings_and_read_back(tmp_
     _write_recon(out, recording)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        (location,) = preproc([recording], out, filter=FILTER, progress=False)
-        (epoch_location,) = epochs([recording], out, start=-0.2, end=0.5, progress=False)
+        (location,) = run_preproc([recording], out, filter=FILTER, progress=False)
+        (epoch_location,) = run_epochs([recording], out, start=-0.2, end=0.5, progress=False)
     unstable = [str(w.message) for w in caught if "specification" in str(w.message) or "UTF32" in str(w.message)]
     assert not unstable
     written, cut = open_dataset(location, stage="preproc"), open_dataset(epoch_location, stage="epoch")
@@ -128,11 +128,11 @@ def test_epochs_with_an_events_file_without_rows_is_an_events_error(tmp_path):
     recording = _recording(root)
     out = root.child("out")
     _write_recon(out, recording)
-    preproc([recording], out, filter=False, interpolate=False, progress=False)
+    run_preproc([recording], out, filter=False, interpolate=False, progress=False)
     with recording.events.open("wb") as handle:
         handle.write(b"onset\tduration\ttrial_type\n")
     with pytest.raises(EventsError, match="no events") as info:
-        epochs([recording], out, progress=False)
+        run_epochs([recording], out, progress=False)
     assert "sub-01_task-faces_events.tsv" in str(info.value)
     assert "add one row per event" in str(info.value)
 

@@ -8,8 +8,8 @@ import xarray as xr
 
 from gmfx import ClusterError, ModelError, StorageError
 from gmfx.dataset import find_recordings
-from gmfx.stages.decode import decode
-from gmfx.stages.recon import LowDetectionWarning, plan_recon, recon, stitch_store
+from gmfx.stages.decode import run_decode
+from gmfx.stages.recon import LowDetectionWarning, plan_recon, run_recon, stitch_store
 from gmfx.storage import Location, RegionStore, open_dataset, store_location
 from gmfx.testing._backends import BrightSquareBackend, GpuBrightSquareBackend
 from gmfx.testing._faces import astronaut_motion
@@ -40,7 +40,7 @@ def _dataset(root, video, **kwargs):
 
 
 def _frames(client, recordings, out):
-    decode(recordings, out, client=client, chunk_frames=CHUNK, segment_frames=CHUNK, progress=False)
+    run_decode(recordings, out, client=client, chunk_frames=CHUNK, segment_frames=CHUNK, progress=False)
     return open_dataset(store_location(out, recordings[0], "decode"), stage="decode")
 
 
@@ -51,7 +51,7 @@ def single_face(mixed_client, data_dir, tmp_path_factory):
     recordings = _dataset(str(root / "bids"), str(data_dir / "single_face.mp4"))
     out = Location(str(root / "out"))
     frames = _frames(mixed_client, recordings, out)
-    [location] = recon(recordings, out, client=mixed_client, segment_frames=CHUNK, progress=False)
+    [location] = run_recon(recordings, out, client=mixed_client, segment_frames=CHUNK, progress=False)
     return frames, open_dataset(location, stage="recon"), location
 
 
@@ -106,7 +106,7 @@ def test_video_without_a_face_gives_nan_rows_and_a_warning(mixed_client, data_di
     recordings = _dataset(str(tmp_path / "bids"), str(data_dir / "no_face.mp4"))
     out = Location(str(tmp_path / "out"))
     with pytest.warns(LowDetectionWarning, match=r"found in 0\.0% of the 95 frames"):
-        [location] = recon(recordings, out, client=mixed_client, progress=False)  # decodes first
+        [location] = run_recon(recordings, out, client=mixed_client, progress=False)  # decodes first
     ds = open_dataset(location, stage="recon")
     assert ds.sizes["time"] == 95 and not ds["detected"].values.any()
     assert np.isnan(ds["v"].values).all() and np.isnan(ds["mat"].values).all() and np.isnan(ds["score"].values).all()
@@ -118,7 +118,7 @@ def test_pose_follows_the_applied_head_rotation(mixed_client, tmp_path):
     recordings = _dataset(str(tmp_path / "bids"), str(video))
     out = Location(str(tmp_path / "out"))
     _frames(mixed_client, recordings, out)
-    [location] = recon(recordings, out, client=mixed_client, segment_frames=CHUNK, progress=False)
+    [location] = run_recon(recordings, out, client=mixed_client, segment_frames=CHUNK, progress=False)
     mat = open_dataset(location, stage="recon")["mat"].values[:, 0].astype(np.float64)
     scale = np.cbrt(np.linalg.det(mat[:, :3, :3]))
     rotation = mat[:, :3, :3] / scale[:, None, None]
@@ -145,7 +145,7 @@ def square_video(mixed_client, tmp_path_factory):
 
 
 def _placement(client, recordings, out, backend, log, device="auto"):
-    recon(
+    run_recon(
         recordings, out, client=client, model=backend, device=device, segment_frames=CHUNK, overwrite=True,
         progress=False, model_options={"log": str(log)},
     )
@@ -168,12 +168,12 @@ def test_gpu_models_run_only_on_gpu_workers_and_cpu_models_on_all(mixed_client, 
 def test_gpu_model_without_gpu_workers_fails_before_any_work(dask_client, square_video):
     recordings, out, _ = square_video
     with pytest.raises(ClusterError) as info:
-        recon(recordings, out, client=dask_client, model=GpuBrightSquareBackend, progress=False)
-    assert "--resources GPU=1" in str(info.value) and "--device cpu" in str(info.value)
+        run_recon(recordings, out, client=dask_client, model=GpuBrightSquareBackend, progress=False)
+    assert "--resources GPU=1" in str(info.value) and "run_recon(device='cpu')" in str(info.value)
     with pytest.raises(ModelError, match="needs a GPU"):
-        recon(recordings, out, client=dask_client, model=GpuBrightSquareBackend, device="cpu", progress=False)
+        run_recon(recordings, out, client=dask_client, model=GpuBrightSquareBackend, device="cpu", progress=False)
     with pytest.raises(ModelError, match="CPU only|runs on cpu only"):
-        recon(recordings, out, client=dask_client, model="mediapipe", device="cuda", progress=False)
+        run_recon(recordings, out, client=dask_client, model="mediapipe", device="cuda", progress=False)
 
 
 def test_a_worker_killed_mid_run_leaves_the_same_store_as_a_clean_run(mixed_client, square_video):
@@ -182,9 +182,9 @@ def test_a_worker_killed_mid_run_leaves_the_same_store_as_a_clean_run(mixed_clie
     faulty = Location(str(root / "faulty"))
     for target in (clean, faulty):
         _frames(mixed_client, recordings, target)
-    recon(recordings, clean, client=mixed_client, model=BrightSquareBackend, segment_frames=CHUNK, progress=False)
+    run_recon(recordings, clean, client=mixed_client, model=BrightSquareBackend, segment_frames=CHUNK, progress=False)
     marker = root / "exited"
-    [location] = recon(
+    [location] = run_recon(
         recordings, faulty, client=mixed_client, model=BrightSquareBackend, segment_frames=CHUNK, progress=False,
         model_options={"exit_once": str(marker)},
     )
@@ -198,7 +198,7 @@ def test_end_to_end_on_s3(mixed_client, data_dir, s3_root, single_face):
     recordings = _dataset(s3_root.child("bids"), str(data_dir / "single_face.mp4"))
     out = s3_root.child("derivatives")
     _frames(mixed_client, recordings, out)
-    [location] = recon(recordings, out, client=mixed_client, segment_frames=CHUNK, progress=False)
+    [location] = run_recon(recordings, out, client=mixed_client, segment_frames=CHUNK, progress=False)
     assert location.url.startswith("s3://") and location.exists()
     ds = open_dataset(location, stage="recon")
     assert ds.attrs["frames_store"].startswith("s3://")

@@ -11,7 +11,7 @@ import threading
 from importlib.metadata import entry_points
 from typing import Any
 
-from gmfx._errors import ModelError
+from gmfx._errors import ModelError, parameter
 from gmfx.models._base import Backend, Face, Outputs, Topology
 
 __all__ = [
@@ -58,7 +58,7 @@ def get_backend(model: str | type[Backend]) -> type[Backend]:
     if not found:
         raise ModelError(
             f"unknown reconstruction model {model!r}",
-            where="--model",
+            where=parameter("run_recon", "model"),
             fix=f"choose one of the installed models: {', '.join(available_backends()) or '(none)'}, or "
             f"install the package that provides it (entry point group {ENTRY_POINT_GROUP!r})",
         )

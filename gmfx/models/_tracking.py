@@ -10,11 +10,15 @@ in the image), then the slots not seen in this frame.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["assign_slots", "match_points", "stitch_segments", "track_faces"]
+if TYPE_CHECKING:
+    from gmfx.types import Region
+
+__all__ = ["assign_slots", "match_points", "segment_ends", "stitch_segments", "track_faces"]
 
 
 def match_points(reference: np.ndarray, points: np.ndarray, max_distance: np.ndarray) -> np.ndarray:
@@ -121,3 +125,25 @@ def stitch_segments(first: Sequence[np.ndarray], last: Sequence[np.ndarray], siz
         last_seen[slots] = seg_last[present]
         permutations.append(perm)
     return permutations
+
+
+def segment_ends(
+    detected: np.ndarray, centroid: np.ndarray, size: np.ndarray, regions: Sequence[Region]
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Per region and face slot: centroid where it was first and last seen, and its largest size.
+
+    ``detected`` is ``(time, face)``, ``centroid`` ``(time, face, d)``, ``size`` ``(time, face)``;
+    slots never seen in a region get NaN.
+    """
+    first, last, sizes = [], [], []
+    for region in regions:
+        seen = detected[region.slice]
+        slots = np.arange(seen.shape[1])
+        present = seen.any(axis=0)
+        first_row = np.argmax(seen, axis=0)
+        last_row = len(region) - 1 - np.argmax(seen[::-1], axis=0)
+        first.append(np.where(present[:, None], centroid[region.start + first_row, slots], np.nan))
+        last.append(np.where(present[:, None], centroid[region.start + last_row, slots], np.nan))
+        largest = np.where(seen, size[region.slice], -np.inf).max(axis=0)
+        sizes.append(np.where(present, largest, np.nan))
+    return first, last, sizes

@@ -10,18 +10,19 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import dask.array as da
 import numpy as np
 import pandas as pd
 import xarray as xr
 
+from gmfx._checks import check_choice
 from gmfx._errors import ParameterError
 from gmfx._version import __version__
 from gmfx.preproc import _epochs, _filters, _resample, _rigid
-from gmfx.storage import Location, open_dataset
+from gmfx.storage import Location, LocationLike, as_location, open_dataset
 
 __all__ = ["open_recon", "align", "interpolate", "filter", "epoch", "DEFAULT_MAX_GAP"]
 
@@ -35,20 +36,20 @@ _FILTER_BLOCK_BYTES = 64 * 2**20
 #: attributes that describe the state of the store a dataset was read from, not its content
 _STORE_STATE = ("gmfx_stage", "gmfx_plan", "gmfx_regions", "gmfx_complete")
 
-_REFERENCES = ("template", "first", "mean", "mat")
+#: the choices of the operations' parameters (checked by :func:`gmfx._checks.check_choice`)
+Reference = Literal["template", "first", "mean", "mat"]
+InterpolationMethod = Literal["linear", "pchip", "cubic"]
+OnShort = Literal["error", "nan"]
+Anchor = Literal["onset", "offset", "warp"]
+Baseline = Literal["mean", "ratio", None]
 
 #: attribute of a per-frame Dask array: ``recipe(lo, hi)`` builds frames ``lo:hi`` from its sources only
 _FRAMES_RECIPE = "_gmfx_frames"
 
 
-def open_recon(url_or_location: str | os.PathLike | Location, storage_options: dict | None = None) -> xr.Dataset:
-    """Open a finished recon store lazily."""
-    location = (
-        url_or_location
-        if isinstance(url_or_location, Location)
-        else Location(os.fspath(url_or_location), storage_options or {})
-    )
-    return open_dataset(location, stage="recon")
+def open_recon(location: LocationLike, storage_options: Mapping[str, Any] | None = None) -> xr.Dataset:
+    """Open a finished recon store lazily (a path, URL with ``storage_options``, or :class:`Location`)."""
+    return open_dataset(as_location(location, storage_options), stage="recon")
 
 
 # -- shared helpers -------------------------------------------------------------------------------
@@ -247,7 +248,7 @@ def _fit(data: da.Array, reference: da.Array, weights: np.ndarray, scale: bool) 
 def align(
     ds: xr.Dataset,
     *,
-    reference: str = "template",
+    reference: Reference = "template",
     vertices: Sequence[int] | np.ndarray | None = None,
     scale: bool = False,
     _target: np.ndarray | None = None,
@@ -278,10 +279,7 @@ def align(
     instead of letting every task recompute it.
     """
     v = _require(ds, "v", ("time", "face", "vertex", "coord"), "align")
-    if reference not in _REFERENCES:
-        raise ParameterError(
-            f"unknown alignment reference {reference!r}", where="align(reference=...)", fix=f"use one of {_REFERENCES}"
-        )
+    check_choice(reference, Reference, function="align", name="reference", label="alignment reference")
     if v.attrs.get("space") == "local":
         raise ParameterError(
             "the vertices are already in local space (aligned)",
@@ -345,7 +343,7 @@ def interpolate(
     ds: xr.Dataset,
     *,
     sampling_freq: float | None = None,
-    method: str = "linear",
+    method: InterpolationMethod = "linear",
     max_gap: float = DEFAULT_MAX_GAP,
 ) -> xr.Dataset:
     """Resample every time variable onto an even grid built from the real frame times.
@@ -365,8 +363,7 @@ def interpolate(
     The output is chunked along time like the input's ``v`` (each chunk reads a halo of source frames).
     """
     v = _require(ds, "v", ("time", "face", "vertex", "coord"), "interpolate")
-    if method not in _resample.METHODS:
-        raise ParameterError(f"unknown interpolation method {method!r}", where="interpolate(method=...)", fix=f"use one of {_resample.METHODS}")
+    check_choice(method, InterpolationMethod, function="interpolate", name="method", label="interpolation method")
     if not max_gap > 0:
         raise ParameterError(f"max_gap={max_gap} is not positive", where="interpolate(max_gap=...)", fix="give a gap length in seconds, e.g. 0.5")
     if sampling_freq is not None and not sampling_freq > 0:
@@ -440,7 +437,7 @@ def filter(  # noqa: A001 - the public name mirrors the operation
     lowpass: float | None = 4.0,
     order: int = 5,
     causal: bool = False,
-    on_short: str = "error",
+    on_short: OnShort = "error",
     vertex_chunk: int | None = None,
 ) -> xr.Dataset:
     """Butterworth high-, low- or band-pass of ``v`` (and ``motion``) along time, per valid stretch.
@@ -462,8 +459,7 @@ def filter(  # noqa: A001 - the public name mirrors the operation
         the preproc stage writes it back time-chunked.
     """
     v = _require(ds, "v", ("time", "face", "vertex", "coord"), "filter")
-    if on_short not in ("error", "nan"):
-        raise ParameterError(f"on_short={on_short!r}", where="filter(on_short=...)", fix="use 'error' or 'nan'")
+    check_choice(on_short, OnShort, function="filter", name="on_short")
     rate = _even_rate(ds)
     sos, design = _filters.design_butterworth(rate, highpass=highpass, lowpass=lowpass, order=order)
     times = np.asarray(ds["time"].values, dtype=np.float64)
@@ -495,12 +491,12 @@ def epoch(
     *,
     start: float = -0.5,
     end: float = 2.0,
-    anchor: str = "onset",
+    anchor: Anchor = "onset",
     sampling_freq: float | None = None,
     n_lags: int | None = None,
-    method: str = "linear",
+    method: InterpolationMethod = "linear",
     max_gap: float = DEFAULT_MAX_GAP,
-    baseline: str | None = None,
+    baseline: Baseline = None,
     baseline_window: tuple[float, float] | None = None,
 ) -> xr.Dataset:
     """Cut epochs around events, interpolated from the real sample times.
@@ -530,12 +526,9 @@ def epoch(
     onset lies outside the recording are reported with a warning.
     """
     v = _require(ds, "v", ("time", "face", "vertex", "coord"), "epoch")
-    if anchor not in _epochs.ANCHORS:
-        raise ParameterError(f"unknown anchor {anchor!r}", where="epoch(anchor=...)", fix=f"use one of {_epochs.ANCHORS}")
-    if baseline not in (None, "mean", "ratio"):
-        raise ParameterError(f"unknown baseline {baseline!r}", where="epoch(baseline=...)", fix="use None, 'mean' or 'ratio'")
-    if method not in _resample.METHODS:
-        raise ParameterError(f"unknown interpolation method {method!r}", where="epoch(method=...)", fix=f"use one of {_resample.METHODS}")
+    check_choice(anchor, Anchor, function="epoch", name="anchor")
+    check_choice(baseline, Baseline, function="epoch", name="baseline")
+    check_choice(method, InterpolationMethod, function="epoch", name="method", label="interpolation method")
     table = _epochs.read_events(events)
     source = str(events.url if isinstance(events, Location) else "DataFrame" if isinstance(events, pd.DataFrame) else events)
     times = _times(ds, "epoch")

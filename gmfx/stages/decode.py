@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import hashlib
 import queue
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import dask.array
 import numpy as np
@@ -35,14 +36,16 @@ import zarr
 from distributed import Client
 from zarr.codecs import ZstdCodec
 
-from gmfx._errors import ParameterError
+from gmfx._errors import ParameterError, parameter
 from gmfx._execute import StorePlan, execute_plans
 from gmfx._version import __version__
 from gmfx._video import VideoIndex, index_video, iter_segment, output_size, read_frame_times
 from gmfx.dataset import Recording
 from gmfx.storage import (
     Location,
+    LocationLike,
     RegionStore,
+    as_location,
     open_dataset,
     plan_token,
     redact,
@@ -50,11 +53,11 @@ from gmfx.storage import (
     write_dataset_description,
 )
 from gmfx.storage._retry import retry_transient
-from gmfx.types import Region, Stage, Task, split_regions
+from gmfx.types import STAGES, Region, Task, split_regions
 
-__all__ = ["STAGE", "plan_decode", "decode", "open_frames", "default_chunk_frames"]
+__all__ = ["STAGE", "plan_decode", "run_decode", "open_frames", "default_chunk_frames"]
 
-STAGE = Stage("decode", reads=("video",), writes=("frames",))
+STAGE = STAGES["decode"]
 
 #: chunks hold at most this many frames, and at most ``MAX_CHUNK_BYTES`` raw
 MAX_CHUNK_FRAMES = 64
@@ -219,9 +222,9 @@ def _open_frames_array(store: RegionStore) -> zarr.Array:
     return array.with_config({"write_empty_chunks": True})
 
 
-def decode(
+def run_decode(
     recordings: Sequence[Recording],
-    out: Location,
+    out: LocationLike,
     *,
     client: Client,
     chunk_frames: int | None = None,
@@ -230,13 +233,16 @@ def decode(
     compression_level: int = COMPRESSION_LEVEL,
     overwrite: bool = False,
     progress: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> list[Location]:
     """Decode every recording's video into its frames store on ``client``; return the stores.
 
     All recordings run as one submission; a rerun after a failure or an interruption decodes only the
     segments that are missing, and a complete store with the same inputs and parameters is kept as is.
-    See :func:`plan_decode` for the parameters.
+    ``out`` is a path, URL (with ``storage_options``) or :class:`Location`. See :func:`plan_decode`
+    for the other parameters.
     """
+    out = as_location(out, storage_options, where="out")
     if not recordings:
         return []
     plans = [
@@ -256,9 +262,9 @@ def decode(
     return [plan.store.location for plan in plans]
 
 
-def open_frames(location: Location) -> xr.Dataset:
+def open_frames(location: LocationLike, storage_options: Mapping[str, Any] | None = None) -> xr.Dataset:
     """Open a complete frames store lazily (``frames`` with ``time`` and ``frame`` coordinates)."""
-    return open_dataset(location, stage=STAGE.name)
+    return open_dataset(as_location(location, storage_options), stage=STAGE.name)
 
 
 def _template(
@@ -289,6 +295,6 @@ def _check_positive(**values: int | None) -> None:
         if value is not None and value < 1:
             raise ParameterError(
                 f"{name} must be a positive number of {'pixels' if name == 'max_size' else 'frames'}, not {value}",
-                where=f"--{name.replace('_', '-')}",
-                fix=f"give a value of 1 or more, or leave --{name.replace('_', '-')} out for the default",
+                where=parameter("run_decode", name),
+                fix="give a value of 1 or more, or leave it out for the default",
             )

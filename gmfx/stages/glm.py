@@ -34,11 +34,9 @@ from gmfx.analysis._api import versions
 from gmfx.dataset import Recording
 from gmfx.stages.preproc import _encoding, _pickled, _portable_strings
 from gmfx.storage import Location, RegionStore, open_dataset, plan_token, store_location
-from gmfx.types import Stage, Task
+from gmfx.types import Task
 
-__all__ = ["STAGE", "glm", "group", "generate", "write_result", "glm_location", "group_location", "generated_location"]
-
-STAGE = Stage(name="glm", reads=("preproc",), writes=("glm",))
+__all__ = ["glm", "group", "generate", "write_result", "glm_location", "group_location", "generated_location"]
 
 #: vertices per block of stores whose variables are not chunked along vertex yet (group, generate)
 _DEFAULT_BLOCK = 512

@@ -9,7 +9,9 @@ Layout (per recording, below the output root ``out``)::
     <name>_epochs.zarr              epochs of the preproc store around the events of ``<name>_events.tsv``
 
 Each single step (``gmfx align``, ``gmfx interpolate``, ``gmfx filter``) is the chain with the other
-steps switched off, reading the recon store and writing the preproc store.
+steps switched off, reading the store of the step before it and writing its own
+(``<name>_aligned.zarr``, ``<name>_interpolated.zarr``, ``<name>_filtered.zarr``; see
+:data:`gmfx.types.STAGES`).
 
 Writing. A lazy result chunked along its first dimension is written as a template plus one region per
 chunk (a task each, on the Dask client when one is given). A filter needs each vertex's whole time
@@ -49,16 +51,14 @@ from distributed import Client
 from zarr.codecs import BloscCodec
 
 from gmfx import preproc as ops
+from gmfx._checks import check_options
 from gmfx._errors import EventsError
 from gmfx._execute import StorePlan, execute_plans
 from gmfx.dataset import Recording
-from gmfx.storage import Location, RegionStore, open_dataset, plan_token, store_location
-from gmfx.types import Stage, Task
+from gmfx.storage import Location, LocationLike, RegionStore, as_location, open_dataset, plan_token, store_location
+from gmfx.types import Task
 
-__all__ = ["STAGE", "EPOCH_STAGE", "preproc", "epochs", "run_chain", "write_lazy", "chain"]
-
-STAGE = Stage(name="preproc", reads=("recon",), writes=("preproc",))
-EPOCH_STAGE = Stage(name="epoch", reads=("preproc",), writes=("epoch",))
+__all__ = ["run_preproc", "run_epochs", "run_chain", "write_lazy", "chain"]
 
 #: float32 bytes of ``v`` per vertex block of a filtered store (the filter holds ~3x that in float64)
 _BLOCK_BYTES = 48 * 2**20
@@ -267,6 +267,9 @@ def run_chain(
     labels: Sequence[str] | None = None,
 ) -> list[Location]:
     """Run the chain on each recon store of ``sources`` and write each preproc store of ``targets``."""
+    for step, value in (("align", align), ("interpolate", interpolate), ("filter", filter)):
+        if isinstance(value, Mapping):
+            check_options(value, getattr(ops, step), function="run_preproc", name=step)
     labels = list(labels or [t.url for t in targets])
     filter_options = _options(filter)
     recons = [open_dataset(s, stage="recon") for s in sources]
@@ -301,9 +304,9 @@ def run_chain(
     return list(targets)
 
 
-def preproc(
+def run_preproc(
     recordings: Sequence[Recording],
-    out: Location,
+    out: LocationLike,
     *,
     client: Client | None = None,
     align: Options = True,
@@ -311,12 +314,15 @@ def preproc(
     filter: Options = True,  # noqa: A002
     overwrite: bool = False,
     progress: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> list[Location]:
     """Align, interpolate and filter each recording's recon store into its preproc store.
 
     ``align``, ``interpolate`` and ``filter`` take ``True`` (defaults), ``False``/``None`` (skip) or a
-    dict of options for :func:`gmfx.preproc.align` etc. Returns the preproc stores' locations.
+    dict of options for :func:`gmfx.preproc.align` etc. ``out`` is a path, URL (with
+    ``storage_options``) or :class:`Location`. Returns the preproc stores' locations.
     """
+    out = as_location(out, storage_options, where="out")
     return run_chain(
         [store_location(out, r, "recon") for r in recordings],
         [store_location(out, r, "preproc") for r in recordings],
@@ -325,16 +331,19 @@ def preproc(
     )  # fmt: skip
 
 
-def epochs(
+def run_epochs(
     recordings: Sequence[Recording],
-    out: Location,
+    out: LocationLike,
     *,
     client: Client | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
     **options: Any,
 ) -> list[Location]:
     """Cut each recording's preproc store into epochs around its events (``options`` go to :func:`gmfx.preproc.epoch`)."""
+    out = as_location(out, storage_options, where="out")
+    check_options(options, ops.epoch, function="run_epochs", name="options")
     plans = []
     for recording in recordings:
         if recording.events is None:

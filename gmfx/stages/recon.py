@@ -22,19 +22,20 @@ import xarray as xr
 import zarr
 from distributed import Client
 
-from gmfx._errors import ModelError, ParameterError, StorageError
+from gmfx._errors import GmfxWarning, ModelError, ParameterError, StorageError, parameter
 from gmfx._execute import StorePlan, run_tasks
 from gmfx._version import __version__
-from gmfx.cluster import gpu_workers, require_resource
+from gmfx.cluster import GPU_FIX, require_resource, resolve_device
 from gmfx.dataset import Recording
 from gmfx.models import Backend, Face, get_backend, load_backend
-from gmfx.models._tracking import stitch_segments, track_faces
-from gmfx.storage import Location, RegionStore, open_dataset, plan_token, store_location
-from gmfx.types import Region, Stage, Task, split_regions
+from gmfx.models._output import pack_faces
+from gmfx.models._tracking import segment_ends, stitch_segments
+from gmfx.storage import Location, LocationLike, RegionStore, as_location, open_dataset, plan_token, store_location
+from gmfx.types import STAGES, Region, Task, split_regions
 
-__all__ = ["STAGE", "LowDetectionWarning", "pack_faces", "plan_recon", "recon", "resolve_device", "segment_ends"]
+__all__ = ["STAGE", "LowDetectionWarning", "plan_recon", "run_recon", "stitch_store"]
 
-STAGE = Stage(name="recon", reads=("frames",), writes=("recon",), requires_gpu=False)
+STAGE = STAGES["recon"]
 
 #: frames per task (rounded to whole frames-store chunks): restarting MediaPipe's tracker costs about
 #: 20 ms (under 2% of 256 frames), and short segments spread a video evenly over the workers
@@ -42,39 +43,8 @@ SEGMENT_FRAMES = 256
 #: below this fraction of frames with a face, recon warns
 LOW_DETECTION_FRACTION = 0.5
 _FRAMES_VARIABLES = {"frames": ("time", "y", "x", "rgb"), "time": ("time",), "frame": ("time",)}
-_GPU_FIX = (
-    "start workers that offer a GPU: `dask worker SCHEDULER_ADDRESS --resources GPU=1` (one per GPU), "
-    "or `gmfx recon --gpus N` for a local cluster; or run on the CPU with --device cpu"
-)
-
-
-class LowDetectionWarning(UserWarning):
+class LowDetectionWarning(GmfxWarning):
     """A face was found in few frames of a recording."""
-
-
-def resolve_device(backend: type[Backend], device: str, client: Client | None = None) -> str:
-    """The concrete device (``cpu``/``cuda``/``cuda:N``) for ``device`` (``auto`` picks cuda when a GPU
-    worker exists and the backend runs on it); never touches CUDA in this process."""
-    if device != "auto" and device != "cpu" and not device.startswith("cuda"):
-        raise ParameterError(
-            f"unknown device {device!r}", where="--device", fix="use auto, cpu, cuda or cuda:N"
-        )
-    if device == "auto":
-        has_gpu = backend.requires_gpu or bool(client is not None and gpu_workers(client))
-        device = "cuda" if has_gpu and "cuda" in backend.devices else "cpu"
-    if backend.requires_gpu and device == "cpu":
-        raise ModelError(
-            f"the model {backend.name!r} needs a GPU and cannot run with --device cpu",
-            where="--device",
-            fix="use --device cuda (or auto) on a cluster with GPU workers, or choose a CPU model",
-        )
-    if device.split(":")[0] not in backend.devices:
-        raise ModelError(
-            f"the model {backend.name!r} runs on {', '.join(backend.devices)} only, not on {device}",
-            where="--device",
-            fix=f"use --device {backend.devices[0]} (or auto)",
-        )
-    return device
 
 
 def plan_recon(
@@ -98,10 +68,10 @@ def plan_recon(
     backend = get_backend(model)
     device = resolve_device(backend, device, client)
     if max_faces < 1:
-        raise ParameterError(f"max_faces must be at least 1, not {max_faces}", where="--max-faces", fix="use 1 or more")
+        raise ParameterError(f"max_faces must be at least 1, not {max_faces}", where=parameter("run_recon", "max_faces"), fix="use 1 or more")
     batch = batch_size or backend.batch_size
     if batch < 1:
-        raise ParameterError(f"batch_size must be at least 1, not {batch}", where="--batch-size", fix="use 1 or more")
+        raise ParameterError(f"batch_size must be at least 1, not {batch}", where=parameter("run_recon", "batch_size"), fix="use 1 or more")
     options = dict(model_options or {})
     frames_location = store_location(out, recording, "decode")
     frames = _open_frames(frames_location)
@@ -150,9 +120,9 @@ def plan_recon(
     return StorePlan(store=store, tasks=tasks, regions=len(regions), attrs=attrs, label=recording.name)
 
 
-def recon(
+def run_recon(
     recordings: Sequence[Recording],
-    out: Location,
+    out: LocationLike,
     *,
     client: Client,
     model: str | type[Backend] = "mediapipe",
@@ -163,21 +133,24 @@ def recon(
     progress: bool = True,
     segment_frames: int = SEGMENT_FRAMES,
     model_options: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> list[Location]:
     """Reconstruct every recording's faces on the cluster; return the recon stores' locations.
 
     Recordings without a complete frames store are decoded first. GPU models (or ``device="cuda"``)
-    run only on workers offering the ``GPU`` resource, and fail at once when there is none.
+    run only on workers offering the ``GPU`` resource, and fail at once when there is none. ``out``
+    is a path, URL (with ``storage_options``) or :class:`Location`.
     """
+    out = as_location(out, storage_options, where="out")
     backend = get_backend(model)
     device = resolve_device(backend, device, client)
     if device.startswith("cuda"):
-        require_resource(client, "GPU", fix=_GPU_FIX)
+        require_resource(client, "GPU", fix=GPU_FIX)
     undecoded = [r for r in recordings if not RegionStore(store_location(out, r, "decode"), "decode").is_complete()]
     if undecoded:
-        from gmfx.stages.decode import decode
+        from gmfx.stages.decode import run_decode
 
-        decode(undecoded, out, client=client, progress=progress)
+        run_decode(undecoded, out, client=client, progress=progress)
     plans = [
         plan_recon(
             recording,
@@ -288,68 +261,6 @@ def _read_ahead(frames: zarr.Array, region: Region, batch_size: int) -> Iterator
             yield start, batch
 
 
-def pack_faces(faces: Sequence[Sequence[Face]], backend: type[Backend], *, max_faces: int, first_frame: int = 0) -> dict[str, np.ndarray]:
-    """Arrays ``(time, face, ...)`` of the recon store from per-frame faces, tracked to stable slots.
-
-    Frames without a face are NaN rows with ``detected=False``. A face that breaks the backend's
-    declared contract (shapes, codes, landmarks, too many faces) raises :class:`ModelError` naming the
-    frame (``first_frame`` + its position).
-    """
-    n, n_vertices = len(faces), backend.topology().n_vertices
-    codes, n_landmarks = dict(backend.outputs.codes), backend.outputs.n_landmarks
-    arrays = {
-        "v": np.full((n, max_faces, n_vertices, 3), np.nan, np.float32),
-        "mat": np.full((n, max_faces, 4, 4), np.nan, np.float32),
-        "detected": np.zeros((n, max_faces), bool),
-        "score": np.full((n, max_faces), np.nan, np.float32),
-        **{f"code_{name}": np.full((n, max_faces, size), np.nan, np.float32) for name, size in codes.items()},
-    }
-    if n_landmarks:
-        arrays["landmarks"] = np.full((n, max_faces, n_landmarks, 3), np.nan, np.float32)
-    for i, frame_faces in enumerate(faces):
-        _check_faces(frame_faces, backend, max_faces, n_vertices, first_frame + i)
-    centroids = [np.array([f.vertices[:, :2].mean(axis=0) for f in ff]).reshape(-1, 2) for ff in faces]
-    sizes = [np.array([np.ptp(f.vertices[:, :2], axis=0).max() for f in ff]) for ff in faces]
-    for i, slots in enumerate(track_faces(centroids, sizes, max_faces)):
-        for face, slot in zip(faces[i], slots):
-            arrays["v"][i, slot] = face.vertices
-            arrays["mat"][i, slot] = face.mat
-            arrays["detected"][i, slot] = True
-            arrays["score"][i, slot] = face.score
-            for name in codes:
-                arrays[f"code_{name}"][i, slot] = face.codes[name]
-            if n_landmarks:
-                arrays["landmarks"][i, slot] = face.landmarks
-    return arrays
-
-
-def _check_faces(faces: Sequence[Face], backend: type[Backend], max_faces: int, n_vertices: int, frame: int) -> None:
-    def broken(what: str) -> ModelError:
-        return ModelError(
-            f"the model {backend.name!r} broke its contract: {what}",
-            where=f"frame {frame}",
-            fix="fix the backend (gmfx.testing.check_backend checks it against the contract)",
-        )
-
-    if len(faces) > max_faces:
-        raise broken(f"{len(faces)} faces returned with max_faces={max_faces}")
-    for face in faces:
-        if np.shape(face.vertices) != (n_vertices, 3):
-            raise broken(f"vertices of shape {np.shape(face.vertices)}, expected ({n_vertices}, 3)")
-        if np.shape(face.mat) != (4, 4):
-            raise broken(f"mat of shape {np.shape(face.mat)}, expected (4, 4)")
-        if not np.isfinite(face.vertices).all():
-            raise broken("non-finite vertices for a detected face")
-        if set(face.codes) != set(backend.outputs.codes):
-            raise broken(f"codes {sorted(face.codes)}, declared {sorted(backend.outputs.codes)}")
-        for name, size in backend.outputs.codes.items():
-            if np.shape(face.codes[name]) != (size,):
-                raise broken(f"code {name!r} of shape {np.shape(face.codes[name])}, declared ({size},)")
-        n_landmarks = backend.outputs.n_landmarks
-        if n_landmarks and np.shape(face.landmarks) != (n_landmarks, 3):
-            raise broken(f"landmarks of shape {np.shape(face.landmarks)}, declared ({n_landmarks}, 3)")
-
-
 def stitch_store(store: RegionStore, max_faces: int) -> None:
     """Give the independently tracked segments of a finished store one shared face index.
 
@@ -372,28 +283,6 @@ def stitch_store(store: RegionStore, max_faces: int) -> None:
         store.write_region(region.index, region.slice, values)
 
 
-def segment_ends(
-    detected: np.ndarray, centroid: np.ndarray, size: np.ndarray, regions: Sequence[Region]
-) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-    """Per region and face slot: centroid where it was first and last seen, and its largest size.
-
-    ``detected`` is ``(time, face)``, ``centroid`` ``(time, face, d)``, ``size`` ``(time, face)``;
-    slots never seen in a region get NaN.
-    """
-    first, last, sizes = [], [], []
-    for region in regions:
-        seen = detected[region.slice]
-        slots = np.arange(seen.shape[1])
-        present = seen.any(axis=0)
-        first_row = np.argmax(seen, axis=0)
-        last_row = len(region) - 1 - np.argmax(seen[::-1], axis=0)
-        first.append(np.where(present[:, None], centroid[region.start + first_row, slots], np.nan))
-        last.append(np.where(present[:, None], centroid[region.start + last_row, slots], np.nan))
-        largest = np.where(seen, size[region.slice], -np.inf).max(axis=0)
-        sizes.append(np.where(present, largest, np.nan))
-    return first, last, sizes
-
-
 def _provenance(backend: type[Backend], options: Mapping[str, Any]) -> dict[str, Any]:
     """The backend's provenance for ``options``; a bad option is reported before any work starts."""
     try:
@@ -411,10 +300,13 @@ def _warn_if_few_faces(store: RegionStore) -> None:
     fraction = float(detected.mean()) if detected.size else 0.0
     if fraction < LOW_DETECTION_FRACTION:
         warnings.warn(
-            f"a face was found in {fraction:.1%} of the {detected.size} frames (their vertices are NaN, "
-            f"detected=False); where: {store.location.url}; how to fix: check that the video shows a face, "
-            "or lower the model's detection threshold (e.g. min_detection_confidence)",
-            LowDetectionWarning,
+            LowDetectionWarning(
+                f"a face was found in {fraction:.1%} of the {detected.size} frames (their vertices are NaN, "
+                "detected=False)",
+                where=store.location.url,
+                fix="check that the video shows a face, or lower the model's detection threshold "
+                "(e.g. min_detection_confidence)",
+            ),
             stacklevel=3,
         )
 

@@ -7,23 +7,12 @@ from typing import TYPE_CHECKING
 
 from gmfx._version import __version__
 from gmfx.storage._location import Location
+from gmfx.types import STAGES
 
 if TYPE_CHECKING:
     from gmfx.dataset import Recording
 
-__all__ = ["default_output", "store_location", "write_dataset_description", "STORE_SUFFIXES"]
-
-#: the store each stage writes, per recording: ``<out>/sub-01/[ses-1/]<recording>_<suffix>.zarr``
-STORE_SUFFIXES = {
-    "decode": "frames",
-    "recon": "recon",
-    "preproc": "preproc",
-    "epoch": "epochs",
-    # the single steps, as in the original tool (gmfx_align -> gmfx_interpolate -> gmfx_filter)
-    "align": "aligned",
-    "interpolate": "interpolated",
-    "filter": "filtered",
-}
+__all__ = ["default_output", "store_location", "write_dataset_description"]
 
 
 def default_output(bids_dir: Location) -> Location:
@@ -32,8 +21,8 @@ def default_output(bids_dir: Location) -> Location:
 
 
 def store_location(out: Location, recording: Recording, stage: str) -> Location:
-    """The store of ``stage`` for ``recording`` below the output root ``out``."""
-    return out.child(recording.relative_dir, f"{recording.name}_{STORE_SUFFIXES[stage]}.zarr")
+    """The store of ``stage`` for ``recording`` below the output root ``out`` (suffixes: :data:`gmfx.types.STAGES`)."""
+    return out.child(recording.relative_dir, f"{recording.name}_{STAGES[stage].suffix}.zarr")
 
 
 def write_dataset_description(out: Location, source: Location) -> None:

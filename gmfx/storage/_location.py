@@ -10,7 +10,7 @@ from typing import Any
 
 import fsspec
 
-__all__ = ["Location", "join_url", "parse_key_values", "parse_storage_options", "redact"]
+__all__ = ["Location", "LocationLike", "as_location", "join_url", "parse_key_values", "parse_storage_options", "redact"]
 
 
 def _is_local(url: str) -> bool:
@@ -75,6 +75,32 @@ class Location:
         if self.is_local:
             return {"store": self.url}
         return {"store": self.url, "storage_options": dict(self.storage_options)}
+
+
+#: what every public entry point accepts as a place: a local path (``str`` or ``os.PathLike``), an fsspec
+#: URL, or a :class:`Location` (a URL with its storage options)
+LocationLike = str | os.PathLike[str] | Location
+
+
+def as_location(value: LocationLike, storage_options: Mapping[str, Any] | None = None, *, where: str = "location") -> Location:
+    """The one place a :data:`LocationLike` becomes a :class:`Location`.
+
+    ``storage_options`` are added to (and override) those of a ``Location``; ``where`` names the
+    parameter in messages.
+    """
+    if isinstance(value, Location):
+        return Location(value.url, {**value.storage_options, **(storage_options or {})}) if storage_options else value
+    if isinstance(value, (str, os.PathLike)):
+        url = os.fspath(value)
+        if isinstance(url, str) and url:
+            return Location(url, storage_options or {})
+    from gmfx._errors import ParameterError
+
+    raise ParameterError(
+        f"{where} must be a path, a URL or a gmfx.Location, not {type(value).__name__} {value!r}",
+        where=where,
+        fix='pass e.g. "derivatives/gmfx", "s3://bucket/derivatives/gmfx" or gmfx.Location(url, storage_options)',
+    )
 
 
 def parse_storage_options(pairs: list[str] | None) -> dict[str, Any]:

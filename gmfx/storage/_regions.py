@@ -22,10 +22,10 @@ import xarray as xr
 import zarr
 
 from gmfx._errors import IncompleteStoreError, StorageError
-from gmfx.storage._location import Location, redact
+from gmfx.storage._location import Location, LocationLike, as_location, redact
 from gmfx.storage._retry import is_transient, retry_transient
 
-__all__ = ["RegionStore", "open_dataset", "plan_token"]
+__all__ = ["RegionStore", "open_dataset", "open_store", "plan_token"]
 
 _MARKERS = "_gmfx/regions"
 
@@ -223,3 +223,22 @@ def open_dataset(location: Location, *, stage: str, require_complete: bool = Tru
             fix=f"rerun gmfx {stage}: it resumes and writes only the missing regions",
         )
     return xr.open_zarr(**location.zarr_kwargs(), consolidated=attrs.get("gmfx_complete", False))
+
+
+def open_store(
+    location: LocationLike, *, storage_options: Mapping[str, Any] | None = None, require_complete: bool = True
+) -> xr.Dataset:
+    """Open any gmfx store lazily (frames, recon, preproc, epochs, ...); its stage is read from its attributes.
+
+    ``location`` is a local path, an fsspec URL (with ``storage_options``) or a :class:`gmfx.Location`.
+    An incomplete store is refused unless ``require_complete=False``.
+    """
+    location = as_location(location, storage_options)
+    attrs = RegionStore(location, "gmfx").attrs()
+    if attrs is None or "gmfx_stage" not in attrs:
+        raise StorageError(
+            "no gmfx store exists here" if attrs is None else "this Zarr store was not written by gmfx",
+            where=location.url,
+            fix="check the URL (a store ends in _frames.zarr, _recon.zarr, _preproc.zarr, _epochs.zarr, ...) and --out",
+        )
+    return open_dataset(location, stage=attrs["gmfx_stage"], require_complete=require_complete)

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
-from gmfx._errors import StorageError
+from gmfx._errors import GmfxError, StorageError
 
 __all__ = ["retry_transient", "is_transient", "storage_retries"]
 
@@ -24,8 +24,10 @@ def storage_retries() -> int:
 
 
 def is_transient(error: BaseException) -> bool:
-    """True for errors worth retrying: connection, timeout and other I/O errors that are not final."""
-    if isinstance(error, _PERMANENT):
+    """True for errors worth retrying: connection, timeout and other I/O errors that are not final.
+
+    A :class:`GmfxError` is never transient: gmfx raised it on purpose, and a retry would give it again."""
+    if isinstance(error, (GmfxError, *_PERMANENT)):
         return False
     return isinstance(error, (OSError, TimeoutError, ConnectionError))
 
@@ -49,7 +51,7 @@ def retry_transient(
         try:
             return operation()
         except Exception as error:
-            if isinstance(error, StorageError) or not is_transient(error):
+            if not is_transient(error):
                 raise
             if attempt == budget:
                 raise StorageError(

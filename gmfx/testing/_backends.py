@@ -18,7 +18,7 @@ import numpy as np
 from gmfx._errors import ModelError
 from gmfx.models import Backend, Face, Outputs, Topology
 from gmfx.models._geometry import similarity_matrix
-from gmfx.stages.recon import pack_faces
+from gmfx.models._output import pack_faces
 
 __all__ = ["BrightSquareBackend", "GpuBrightSquareBackend", "check_backend"]
 
