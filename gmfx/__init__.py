@@ -43,6 +43,7 @@ if TYPE_CHECKING:  # the same names, imported for type checkers and IDEs
     from gmfx.stages.preproc import run_epochs, run_preproc
     from gmfx.stages.recon import run_recon
     from gmfx.storage import Location, LocationLike, open_store
+    from gmfx.render import Raster, ViewOptions, get_rasterizer, qc_report, render_frames, render_still, render_video, run_render
 
 #: public name -> module that defines it; each is imported on first use, so ``import gmfx`` (and the
 #: ``gmfx`` command's start-up) stays fast
@@ -92,6 +93,14 @@ _LAZY = {
     "group": "gmfx.analysis",
     "generate": "gmfx.analysis",
     "components": "gmfx.analysis",
+    "Raster": "gmfx.render",
+    "ViewOptions": "gmfx.render",
+    "get_rasterizer": "gmfx.render",
+    "qc_report": "gmfx.render",
+    "render_frames": "gmfx.render",
+    "render_still": "gmfx.render",
+    "render_video": "gmfx.render",
+    "run_render": "gmfx.render",
 }
 
 __all__ = [
@@ -146,6 +155,15 @@ __all__ = [
     "group",
     "generate",
     "components",
+    # rendering and quality control
+    "ViewOptions",
+    "run_render",
+    "render_video",
+    "render_still",
+    "render_frames",
+    "qc_report",
+    "get_rasterizer",
+    "Raster",
 ]
 
 

@@ -284,12 +284,15 @@ def recon(
         list[str] | None,
         typer.Option(metavar="KEY=VALUE", help="Option for the model, e.g. min_detection_confidence=0.3; repeatable."),
     ] = None,
+    render: Annotated[
+        bool, typer.Option("--render", help="Also write the original tool's videos: the mesh in world space and over the frames.")
+    ] = False,
 ) -> None:
     """Reconstruct a 3D face mesh per frame and face (decoding the videos first when needed).
 
     Examples:
 
-      gmfx recon /data/study -p 01
+      gmfx recon /data/study -p 01 --render
 
       gmfx_recon /data/study --participant-label sub-01 --device cuda
 
@@ -312,6 +315,8 @@ def recon(
             overwrite=sel.overwrite,
             progress=sel.progress,
         )
+        if render:
+            stores = [*stores, *_recon_videos(sel, recordings, client)]
     _print_outputs(stores)
 
 
@@ -359,6 +364,9 @@ def run(
             progress=sel.progress,
         )
     _print_summary(summaries, timings, sel.out)
+    from gmfx.render import qc_report
+
+    typer.echo(f"quality control: {qc_report(recordings, sel.out)}")
 
 
 def _preproc_options(sampling_freq: float | None, highpass: float, lowpass: float, reference: str = "template") -> dict:
@@ -599,6 +607,82 @@ def _print_summary(summaries, timings, out: Location) -> None:
             f"  recon = gmfx.open_recon({outputs['recon']!r})\n"
             f"  preproc = gmfx.open_recon({outputs['preproc']!r})"
         )
+
+
+# -- rendering and quality control (gmfx render, gmfx qc, gmfx recon --render) ----------------------------
+def _recon_videos(sel: Selection, recordings, client) -> list:
+    """The original tool's two videos per recording: the mesh in world space, and over the frames."""
+    from gmfx.render import ViewOptions, run_render
+
+    views = [ViewOptions(space="world"), ViewOptions(space="image", background="frame")]
+    return [
+        video
+        for view in views
+        for video in run_render(recordings, sel.out, client=client, view=view, overwrite=sel.overwrite, progress=sel.progress)
+    ]
+
+
+@dataset_command
+def render(
+    sel: Selection,
+    store: Annotated[str, typer.Option(metavar="STORE", help="Store to draw: recon, preproc, align, interpolate or filter.")] = "recon",
+    space: Annotated[str, typer.Option(metavar="SPACE", help="image (over the frames), world (head motion kept) or local (removed).")] = "image",
+    panels: Annotated[str, typer.Option(metavar="LIST", help="Comma-separated panels: mesh, overlay, original.")] = "mesh,overlay,original",
+    stack: Annotated[str, typer.Option(metavar="HOW", help="Panels side by side (horizontal) or one above the other (vertical).")] = "horizontal",
+    background: Annotated[str, typer.Option(metavar="BG", help="Behind an image-space mesh panel: black or frame.")] = "black",
+    opacity: Annotated[float, typer.Option(min=0.0, max=1.0, metavar="ALPHA", help="Of the mesh in the overlay panel.")] = 0.5,
+    shading: Annotated[str, typer.Option(metavar="MODE", help="smooth or flat.")] = "smooth",
+    color: Annotated[str | None, typer.Option(metavar="VAR", help="Colour the vertices by a store variable with a vertex dim, or displacement.")] = None,
+    cmap: Annotated[str, typer.Option(metavar="NAME", help="Matplotlib colour map of --color.")] = "viridis",
+    size: Annotated[str | None, typer.Option(metavar="WxH", help="Size of world/local panels [default: the frames' size].")] = None,
+    device: Annotated[str, typer.Option(metavar="DEVICE", help="cpu (numba) or cuda (nvdiffrast, pip install gmfx[gpu]).")] = "cpu",
+    frame: Annotated[int | None, typer.Option(min=0, metavar="N", help="Write frame N as a PNG instead of a video.")] = None,
+    time: Annotated[float | None, typer.Option(metavar="SECONDS", help="Write the frame nearest this time as a PNG.")] = None,
+    segment_frames: Annotated[int, typer.Option(min=1, metavar="N", help="Frames per render task.")] = 256,
+) -> None:
+    """Render a store of every recording to an mp4 (with the source's frame times) or a PNG still.
+
+    Examples:
+
+      gmfx render /data/study -p 01
+
+      gmfx render /data/study --store preproc --space local --panels mesh --color displacement
+
+      gmfx render /data/study --space image --panels overlay --frame 120
+    """
+    from gmfx.render import ViewOptions, run_render
+
+    try:
+        width, height = (int(n) for n in size.lower().split("x")) if size else (None, None)
+    except ValueError:
+        raise typer.BadParameter(f"{size!r} is not WIDTHxHEIGHT, e.g. 640x480", param_hint="--size") from None
+    view = ViewOptions(
+        space=space, panels=tuple(p.strip() for p in panels.split(",") if p.strip()), stack=stack, background=background,
+        opacity=opacity, shading=shading, color=color, cmap=cmap, size=(width, height) if size else None, device=device,
+    )  # fmt: skip
+    recordings = sel.recordings()
+    with contextlib.ExitStack() as stack_:
+        client = stack_.enter_context(sel.client()) if frame is None and time is None else None
+        outputs = run_render(
+            recordings, sel.out, client=client, store=store, view=view, frame=frame, time=time,
+            segment_frames=segment_frames, overwrite=sel.overwrite, progress=sel.progress,
+        )  # fmt: skip
+    _print_outputs(outputs)
+
+
+@dataset_command
+def qc(sel: Selection) -> None:
+    """Write the quality-control report: PNG figures per recording and one HTML page (<out>/qc/index.html).
+
+    Examples:
+
+      gmfx qc /data/study
+
+      gmfx qc s3://lab/study --out s3://lab/derivatives/gmfx -s anon=false
+    """
+    from gmfx.render import qc_report
+
+    typer.echo(str(qc_report(sel.recordings(), sel.out)))
 
 
 @app.command()

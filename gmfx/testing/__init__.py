@@ -8,7 +8,9 @@
 - fault injection for storage (:class:`FlakyFileSystem`, ``flaky://`` URLs);
 - a conformance check for reconstruction backends (:func:`check_backend`) and two tiny real backends;
 - a real-face video with known head motion (:func:`astronaut_motion`; needs scikit-image);
-- preprocessed recordings with a known response to each condition (:func:`synthetic_responses`).
+- preprocessed recordings with a known response to each condition (:func:`synthetic_responses`);
+- meshes to render at known poses, and a photo's face re-rendered at a known yaw and pitch
+  (:func:`random_face_meshes`, :func:`textured_face`, :func:`rotation`).
 """
 
 from gmfx.testing._backends import BrightSquareBackend, GpuBrightSquareBackend, check_backend
@@ -18,6 +20,7 @@ from gmfx.testing._s3 import local_s3_server, make_bucket, s3_storage_options
 from gmfx.testing._responses import SyntheticResponses, synthetic_responses
 from gmfx.testing._synthetic import SyntheticFace, synthetic_face, synthetic_recon_dataset, write_synthetic_recon
 from gmfx.testing._videos import frame_pattern, read_frame_number, write_bids_recording, write_video
+from gmfx.testing._render import random_face_meshes, rotation, textured_face
 
 __all__ = [
     "BrightSquareBackend",
@@ -39,4 +42,7 @@ __all__ = [
     "write_video",
     "SyntheticResponses",
     "synthetic_responses",
+    "random_face_meshes",
+    "rotation",
+    "textured_face",
 ]
