@@ -363,3 +363,15 @@ def test_an_interrupted_glm_store_is_not_complete_and_resumes(recording, tmp_pat
     assert [task.key for task in rerun.tasks] == [task.key for task in plan.tasks[1:]]  # only the missing blocks
     stage.write_result(result, target, progress=False, source="synthetic")
     xr.testing.assert_allclose(open_dataset(target, stage="glm")[list(result.data_vars)].compute(), result.compute(), rtol=1e-6)
+
+
+def test_a_generated_movement_renders_with_its_effect_as_colour(fit, tmp_path):
+    """gmfx.render draws generate's output like any mesh store, coloured by the per-vertex effect."""
+    from PIL import Image
+
+    movie = gmfx.generate(fit, "smile", shape="template", gain=20).compute()
+    view = gmfx.ViewOptions(space="local", color="effect", size=(128, 128))
+    still = np.asarray(Image.open(str(gmfx.render_still(movie, tmp_path / "peak.png", frame=10, view=view))))[..., :3].astype(float)
+    face = still.sum(-1) > 0
+    assert 0.1 < face.mean() < 0.9  # the face fills part of the picture
+    assert still[face].std(axis=0).max() > 10  # vertices differ in colour: the effect is drawn
