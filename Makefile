@@ -14,6 +14,8 @@ $(BIN)/.gmfx-installed: pyproject.toml
 	# the default (CUDA) wheels. On a GPU machine install a CUDA build of the same version instead.
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e ".[test]"
+	# the Dask operator's CRD schemas for the manifest tests: files only, so without its Kubernetes client stack
+	$(BIN)/python -m pip install --quiet --no-deps "dask-kubernetes>=2026.3"
 	touch $@
 
 install: $(BIN)/.gmfx-installed

@@ -8,6 +8,8 @@ The public API, by name::
     ds = gmfx.open_recon(url)                            # ... or lazy xarray operations
     ds = gmfx.filter(gmfx.interpolate(gmfx.align(ds)))
     epochs = gmfx.epoch(ds, "sub-01_task-mini_events.tsv")
+    fit = gmfx.glm(ds, "sub-01_task-mini_events.tsv", window=(0, 2))   # lazy, per vertex block
+    movie = gmfx.generate(fit, "smile", shape="template")
 """
 
 import importlib
@@ -31,6 +33,7 @@ if TYPE_CHECKING:  # the same names, imported for type checkers and IDEs
     )
     from gmfx._example import write_example_dataset
     from gmfx._study import IncompleteStudyWarning, open_study
+    from gmfx.analysis import Design, build_design, components, generate, glm, group
     from gmfx.cluster import connect
     from gmfx.dataset import Recording, find_recordings
     from gmfx.models import Backend, Topology, available_backends, get_backend, register_backend
@@ -89,6 +92,13 @@ _LAZY = {
     "Location": "gmfx.storage",
     "LocationLike": "gmfx.storage",
     "open_store": "gmfx.storage",
+    # analysis: the generative model of facial expressions
+    "Design": "gmfx.analysis",
+    "build_design": "gmfx.analysis",
+    "glm": "gmfx.analysis",
+    "group": "gmfx.analysis",
+    "generate": "gmfx.analysis",
+    "components": "gmfx.analysis",
     "Raster": "gmfx.render",
     "ViewOptions": "gmfx.render",
     "get_rasterizer": "gmfx.render",
@@ -148,6 +158,13 @@ __all__ = [
     "get_backend",
     "register_backend",
     "flame_vertices",
+    # analysis (lazy): design from events, mass-univariate GLM, group level, generated movements, components
+    "Design",
+    "build_design",
+    "glm",
+    "group",
+    "generate",
+    "components",
     # rendering and quality control
     "ViewOptions",
     "run_render",

@@ -84,6 +84,10 @@ DeviceOpt = Annotated[
 ]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", metavar="NAME", help="Reconstruction model (gmfx models lists them).")]
 
+ModelOptionOpt = Annotated[
+    list[str] | None,
+    typer.Option(metavar="KEY=VALUE", help="Option for the model, e.g. min_detection_confidence=0.3; repeatable."),
+]
 BatchOpt = Annotated[int | None, typer.Option(min=1, metavar="N", help="Frames per model call [default: the model's].")]
 MaxFacesOpt = Annotated[int, typer.Option(min=1, metavar="N", help="Faces to track per frame.")]
 SamplingOpt = Annotated[
@@ -300,10 +304,7 @@ def recon(
     segment_frames: Annotated[
         int, typer.Option(min=1, metavar="N", help="Frames each task reconstructs (rounded to whole frames chunks).")
     ] = 256,
-    model_option: Annotated[
-        list[str] | None,
-        typer.Option(metavar="KEY=VALUE", help="Option for the model, e.g. min_detection_confidence=0.3; repeatable."),
-    ] = None,
+    model_option: ModelOptionOpt = None,
     model_dir: Annotated[str | None, typer.Option("--model-dir", metavar="URL", help="FLAME family: folder or URL of the model files [default: $GMFX_MODEL_DIR].")] = None,
     detector: Annotated[str | None, typer.Option(metavar="NAME", help="FLAME family: face boxes from mediapipe (default) or fan (face-alignment).")] = None,
     precision: Annotated[str | None, typer.Option(metavar="DTYPE", help="FLAME family: encoder precision float32 (default), float16 or bfloat16.")] = None,
@@ -357,6 +358,7 @@ def run(
     device: DeviceOpt = "auto",
     batch_size: BatchOpt = None,
     max_faces: MaxFacesOpt = 1,
+    model_option: ModelOptionOpt = None,
     reference: ReferenceOpt = "template",
     sampling_freq: SamplingOpt = None,
     highpass: HighpassOpt = 0.005,
@@ -390,7 +392,8 @@ def run(
             sel.out,
             client=client,
             decode_options={"max_size": max_size},
-            recon_options={"model": model, "device": device.lower(), "batch_size": batch_size, "max_faces": max_faces},
+            recon_options={"model": model, "device": device.lower(), "batch_size": batch_size, "max_faces": max_faces,
+                           "model_options": parse_key_values(model_option, where="--model-option")},
             preproc_options=preproc_options,
             epoch_options={"start": epoch_start, "end": epoch_end},
             overwrite=sel.overwrite,
@@ -558,6 +561,90 @@ def epoch(
             recordings, sel.out, client=client, overwrite=sel.overwrite, progress=sel.progress,
             start=start, end=end, anchor=anchor, baseline=baseline,
         )  # fmt: skip
+    _print_outputs(stores)
+
+
+# -- analysis: gmfx glm and gmfx generate ------------------------------------------------------------
+def _contrasts(pairs: list[str] | None, where: str) -> dict[str, str] | None:
+    """``NAME=EXPRESSION`` strings -> ``{name: expression}`` (None when none is given: one per condition)."""
+    if not pairs:
+        return None
+    from gmfx._errors import ParameterError
+
+    named = {}
+    for pair in pairs:
+        name, sep, expression = pair.partition("=")
+        if not sep or not name.strip() or not expression.strip():
+            raise ParameterError(f"contrast {pair!r} is not NAME=EXPRESSION", where=where, fix=f"write e.g. {where} 'smile-frown=smile - frown'")
+        named[name.strip()] = expression.strip()
+    return named
+
+
+@dataset_command
+def glm(
+    sel: Selection,
+    window_start: Annotated[float, typer.Option(metavar="SECONDS", help="First FIR lag after each onset.")] = 0.0,
+    window_end: Annotated[float, typer.Option(metavar="SECONDS", help="Last FIR lag after each onset.")] = 2.0,
+    modulator: Annotated[list[str] | None, typer.Option(metavar="COLUMN", help="Events column that scales each condition's response; repeatable.")] = None,
+    drift_order: Annotated[int, typer.Option(min=-1, metavar="N", help="Highest Legendre degree of the drift (0: intercept only).")] = 3,
+    motion: Annotated[bool, typer.Option(help="Use the head-motion parameters as nuisance regressors.")] = True,
+    ar1: Annotated[bool, typer.Option(help="AR(1) prewhitening per vertex and coordinate.")] = False,
+    t_contrast: Annotated[list[str] | None, typer.Option(metavar="NAME=EXPR", help="t contrast at every lag, e.g. 'smile-frown=smile - frown'; repeatable [default: each condition].")] = None,
+    f_contrast: Annotated[list[str] | None, typer.Option(metavar="NAME=EXPR", help="F contrast over all lags; repeatable [default: each condition].")] = None,
+    group: Annotated[bool, typer.Option(help="Also combine the fits of each task (fixed and random effects) into group/task-<task>_glm.zarr.")] = False,
+    reference: Annotated[str, typer.Option(metavar="REF", help="Group: shape the faces are aligned to: mean, first or template.")] = "mean",
+) -> None:
+    """Fit how each condition of the events moves every vertex (lazy GLM): <name>_preproc.zarr -> <name>_glm.zarr.
+
+    Examples:
+
+      gmfx glm /data/study --window-end 2 --ar1
+
+      gmfx glm /data/study --modulator intensity --t-contrast 'smile-frown=smile - frown' --group
+    """
+    from gmfx.stages import glm as stage
+
+    recordings = sel.recordings()
+    options = {
+        "window": (window_start, window_end), "modulators": tuple(modulator or ()), "drift_order": drift_order, "ar1": ar1,
+        "t_contrasts": _contrasts(t_contrast, "--t-contrast"), "f_contrasts": _contrasts(f_contrast, "--f-contrast"),
+        **({} if motion else {"motion": None}),
+    }  # fmt: skip
+    with sel.client() as client:
+        stores = stage.glm(recordings, sel.out, client=client, overwrite=sel.overwrite, progress=sel.progress, **options)
+        if group:
+            stores += stage.group(recordings, sel.out, client=client, overwrite=sel.overwrite, progress=sel.progress, reference=reference)
+    _print_outputs(stores)
+
+
+@dataset_command
+def generate(
+    sel: Selection,
+    condition: Annotated[list[str] | None, typer.Option(metavar="NAME", help="Condition to generate; repeatable [default: all].")] = None,
+    shape: Annotated[str, typer.Option(metavar="SHAPE", help="Face the movement is added to: mean (the participant's or group's) or template.")] = "mean",
+    gain: Annotated[float, typer.Option(metavar="FACTOR", help="Multiply the movement (exaggerate subtle expressions).")] = 1.0,
+    colour: Annotated[str, typer.Option(metavar="COLOUR", help="Per-vertex colour: displacement or F.")] = "displacement",
+    group: Annotated[bool, typer.Option(help="Generate from the group fits (group/task-<task>_glm.zarr) instead of each recording's.")] = False,
+) -> None:
+    """Write the face movement each condition predicts as a renderable mesh store beside its fit.
+
+    Examples:
+
+      gmfx generate /data/study --condition smile --shape template
+
+      gmfx generate /data/study --group --gain 3 --colour F
+    """
+    from gmfx.stages import glm as stage
+
+    recordings = sel.recordings()
+    fits = (
+        [stage.group_location(sel.out, task) for task in sorted({r.task for r in recordings})]
+        if group
+        else [stage.glm_location(sel.out, r) for r in recordings]
+    )
+    with sel.client() as client:
+        stores = stage.generate(fits, conditions=condition, client=client, overwrite=sel.overwrite, progress=sel.progress,
+                                shape=shape, gain=gain, colour=colour)  # fmt: skip
     _print_outputs(stores)
 
 

@@ -64,8 +64,18 @@ def retry_transient(
         try:
             return operation()
         except Exception as error:
-            if not is_transient(error):
+            if isinstance(error, GmfxError):
                 raise
+            if not is_transient(error):
+                detail = f"{type(error).__name__}: {error}"
+                if redactor(detail) == detail:
+                    raise
+                # a driver that quotes its options (credentials) in its errors: never let them out
+                raise StorageError(
+                    f"{what} failed: {redactor(detail)}",
+                    where=where,
+                    fix="check the URL, that the bucket or folder exists and is writable, and the credentials",
+                ) from None
             if attempt == budget:
                 raise StorageError(
                     f"{what} failed {budget + 1} times in a row; last error: "

@@ -10,6 +10,7 @@
 - a real-face video with known head motion (:func:`astronaut_motion`; needs scikit-image);
 - face-model files in the official formats with random values (FLAME, DECA, EMOCA:
   :func:`write_model_dir`, :func:`write_flame_pkl`, ...);
+- preprocessed recordings with a known response to each condition (:func:`synthetic_responses`);
 - meshes to render at known poses, and a photo's face re-rendered at a known yaw and pitch
   (:func:`random_face_meshes`, :func:`textured_face`, :func:`rotation`).
 """
@@ -25,6 +26,7 @@ from gmfx.testing._model_files import (
     write_model_dir,
 )
 from gmfx.testing._s3 import local_s3_server, make_bucket, s3_storage_options
+from gmfx.testing._responses import SyntheticResponses, synthetic_responses
 from gmfx.testing._synthetic import SyntheticFace, synthetic_face, synthetic_recon_dataset, write_synthetic_recon
 from gmfx.testing._videos import frame_pattern, read_frame_number, write_bids_recording, write_video
 from gmfx.testing._render import random_face_meshes, rotation, textured_face
@@ -52,6 +54,8 @@ __all__ = [
     "write_model_dir",
     "write_synthetic_recon",
     "write_video",
+    "SyntheticResponses",
+    "synthetic_responses",
     "random_face_meshes",
     "rotation",
     "textured_face",
