@@ -33,7 +33,7 @@ from gmfx._version import __version__
 from gmfx.analysis import _design, _ols
 from gmfx.preproc._api import _dask, _even_rate, _require, _with_history
 from gmfx.preproc._epochs import read_events
-from gmfx.preproc._rigid import fit_transforms
+from gmfx.models._geometry import fit_transforms
 from gmfx.storage import Location
 
 __all__ = ["glm", "group", "generate", "components", "versions"]
