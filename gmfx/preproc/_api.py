@@ -36,7 +36,7 @@ DEFAULT_MAX_GAP = 0.5
 _FILTER_BLOCK_BYTES = 64 * 2**20
 
 #: attributes that describe the state of the store a dataset was read from, not its content
-_STORE_STATE = ("gmfx_stage", "gmfx_plan", "gmfx_regions", "gmfx_complete", "gmfx_completion")
+_STORE_STATE = ("gmfx_stage", "gmfx_plan", "gmfx_regions", "gmfx_complete", "gmfx_completion", "gmfx_instance")
 
 #: the choices of the operations' parameters (checked by :func:`gmfx._checks.check_choice`)
 Reference = Literal["template", "first", "mean", "mat"]

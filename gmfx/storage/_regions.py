@@ -139,7 +139,8 @@ class RegionStore:
         self.delete()
         template = template.copy()
         template.attrs.update(
-            gmfx_stage=self.stage, gmfx_plan=plan_json, gmfx_regions=int(plan["regions"]), gmfx_complete=False
+            gmfx_stage=self.stage, gmfx_plan=plan_json, gmfx_regions=int(plan["regions"]), gmfx_complete=False,
+            gmfx_instance=uuid.uuid4().hex,  # this template's identity: kept while regions are resumed into it
         )
         try:
             template.to_zarr(
@@ -209,9 +210,11 @@ class RegionStore:
                 fix=f"rerun gmfx {self.stage}: it resumes and writes only the missing regions",
             )
         group = self._group("r+")
-        # a new token each time the store is completed: readers' plans record it, so a store redone with
-        # --overwrite (even with the same plan) makes the stages that read it recompute
-        group.attrs.update({**(extra_attrs or {}), "gmfx_complete": True, "gmfx_completion": uuid.uuid4().hex})
+        # the token of the template the regions went into: readers' plans record it, so a store written anew
+        # (--overwrite, even with the same plan) makes the stages that read it recompute, while regions
+        # resumed into the same template (deterministic, the same bytes) leave its readers valid
+        token = attrs.get("gmfx_instance") or uuid.uuid4().hex
+        group.attrs.update({**(extra_attrs or {}), "gmfx_complete": True, "gmfx_completion": token})
         with warnings.catch_warnings():  # our _gmfx/ markers and v3 consolidation are expected
             warnings.filterwarnings("ignore", message=".*(not recognized as a component|Consolidated metadata).*")
             zarr.consolidate_metadata(group.store)
