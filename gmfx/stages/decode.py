@@ -33,7 +33,6 @@ from typing import Any
 import dask.array
 import numpy as np
 import xarray as xr
-import zarr
 from distributed import Client
 from zarr.codecs import ZstdCodec
 
@@ -50,12 +49,10 @@ from gmfx.storage import (
     as_location,
     open_dataset,
     plan_token,
-    redact,
     store_location,
     write_dataset_description,
 )
 from gmfx.storage._fingerprint import relative_name
-from gmfx.storage._retry import retry_transient
 from gmfx.types import STAGES, Region, Task, split_regions
 
 __all__ = ["STAGE", "RotationWarning", "plan_decode", "run_decode", "open_frames", "default_chunk_frames"]
@@ -192,7 +189,6 @@ def decode_region(
     Chunks are compressed and written in background threads while the next chunk decodes (at most
     two wait, which bounds memory); the region is marked done once all of them are in.
     """
-    frames_array = _open_frames_array(store)
     pending: list[Future] = []
     recycled: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()  # chunk buffers already written
 
@@ -204,7 +200,7 @@ def decode_region(
         return np.empty(shape, np.uint8)
 
     def write(time: slice, batch: np.ndarray) -> None:
-        _write_chunk(store, frames_array, time, batch)
+        store.write_block({"frames": batch}, offsets={"time": time.start})
         recycled.put(batch)
 
     start = region.start
@@ -221,28 +217,6 @@ def decode_region(
             future.result()
     store.mark_done(region.index)
     return len(region)
-
-
-def _write_chunk(store: RegionStore, array: zarr.Array, time: slice, values: np.ndarray) -> None:
-    def write() -> None:
-        array[time] = values
-
-    retry_transient(
-        write,
-        what=f"writing frames {time.start}:{time.stop} of the decode store",
-        where=store.location.url,
-        redactor=lambda text: redact(text, store.location.storage_options),
-    )
-
-
-def _open_frames_array(store: RegionStore) -> zarr.Array:
-    """The store's ``frames`` array, set to write every chunk without first checking it is all zeros.
-
-    That check (zarr's default ``write_empty_chunks=False``) costs more than compressing the chunk; a
-    decoded chunk that is all black is rare and small once compressed.
-    """
-    array = zarr.open_array(**store.location.child("frames").zarr_kwargs(), mode="r+", zarr_format=3)
-    return array.with_config({"write_empty_chunks": True})
 
 
 def run_decode(

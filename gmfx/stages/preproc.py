@@ -47,7 +47,6 @@ import dask.array as da
 from dask.core import flatten
 from dask.highlevelgraph import HighLevelGraph
 import xarray as xr
-import zarr
 from distributed import Client
 from zarr.codecs import BloscCodec
 
@@ -155,10 +154,8 @@ def _write_region(location: Location, stage: str, index: int, start: int, stop: 
 def _write_vertex_block(location: Location, stage: str, index: int, start: int, stop: int, graph: bytes) -> int:
     """Compute ``v`` for vertices ``start:stop`` over the whole time axis and write it (a task)."""
     (values,) = dask.compute(cloudpickle.loads(graph), scheduler="sync")
-    group = zarr.open_group(**location.zarr_kwargs(), mode="r+", zarr_format=3)
-    # every chunk is written, also an all-NaN one: a missing chunk then always means a damaged store
-    group["v"].with_config({"write_empty_chunks": True})[:, :, start:stop, :] = values
-    RegionStore(location, stage).mark_done(index)
+    # retried, and marked done after the data; every chunk is written, also an all-NaN one
+    RegionStore(location, stage).write_block({"v": values}, offsets={"vertex": start}, region=index)
     return stop - start
 
 

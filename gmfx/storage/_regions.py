@@ -161,26 +161,71 @@ class RegionStore:
         Regions must start and end on chunk boundaries of every array they write (the caller's plan
         guarantees it), so concurrent writers never share a chunk.
         """
+        self._write(
+            arrays,
+            lambda name, array, values: (time,) + (slice(None),) * (array.ndim - 1),
+            what=f"writing region {index} (time {time.start}:{time.stop}) of the {self.stage} store",
+            region=index,
+        )
+
+    def write_block(
+        self, arrays: Mapping[str, np.ndarray], *, offsets: Mapping[str, int], region: int | None = None
+    ) -> None:
+        """Write ``arrays`` into the store's arrays of the same names, starting at ``offsets`` along the
+        dimensions named there (e.g. ``{"vertex": 128}``) and over the whole extent of the others.
+
+        Transient failures are retried (the write is idempotent); when ``region`` is given, its marker
+        is written after every byte of the block is in. Blocks must start and end on chunk boundaries,
+        so concurrent writers never share a chunk.
+        """
+
+        def selection(name: str, array: zarr.Array, values: np.ndarray) -> tuple[slice, ...]:
+            dims = tuple(array.metadata.dimension_names or ())
+            unknown = sorted(set(offsets) - set(dims))
+            if unknown or np.ndim(values) != array.ndim:
+                raise StorageError(
+                    f"cannot write {name} of shape {np.shape(values)} at {dict(offsets)}: the store's {name} "
+                    f"has dimensions {dims}",
+                    where=self.location.child(name).url,
+                    fix="this is a bug in gmfx: please report it",
+                )
+            return tuple(
+                slice(offsets[dim], offsets[dim] + np.shape(values)[axis]) if dim in offsets else slice(None)
+                for axis, dim in enumerate(dims)
+            )
+
+        at = ", ".join(f"{dim} {start}" for dim, start in offsets.items())
+        self._write(
+            arrays,
+            selection,
+            what=f"writing {', '.join(arrays)} from {at}{'' if region is None else f' (region {region})'} "
+            f"of the {self.stage} store",
+            region=region,
+        )
+
+    def _write(self, arrays: Mapping[str, np.ndarray], selection, *, what: str, region: int | None) -> None:
+        """The one writer: open, write every array at ``selection(name, array, values)``, then the marker;
+        retried whole on transient failures, with credentials redacted from every message."""
+
         def write() -> None:
             group = self._group("r+")
             for name, values in arrays.items():
                 # every chunk is written as it is: zarr's scan for all-fill-value chunks costs more
-                # than compressing them (measured ~2 ms per 640x360 frame)
+                # than compressing them (measured ~2 ms per 640x360 frame), and a missing chunk then
+                # always means a damaged store
                 array = group[name].with_config({"write_empty_chunks": True})
-                array[(time,) + (slice(None),) * (array.ndim - 1)] = np.asarray(values, dtype=array.dtype)
-            self._mark(index)
+                array[selection(name, array, values)] = np.asarray(values, dtype=array.dtype)
+            if region is not None:
+                self._mark(region)
 
         # a region write is idempotent (same bytes each time), so transient failures are retried whole
         retry_transient(
-            write,
-            what=f"writing region {index} (time {time.start}:{time.stop}) of the {self.stage} store",
-            where=self.location.url,
-            redactor=lambda text: redact(text, self.location.storage_options),
+            write, what=what, where=self.location.url, redactor=lambda text: redact(text, self.location.storage_options)
         )
 
     def mark_done(self, index: int) -> None:
-        """Record that region ``index`` is written, for stages that write their regions themselves
-        (e.g. blocks along another axis than time). Call it only after every byte of the region is in."""
+        """Record that region ``index`` is written, for a region written in several :meth:`write_block`
+        calls (decode writes a segment chunk by chunk). Call it only after every byte of the region is in."""
         retry_transient(
             lambda: self._mark(index),
             what=f"marking region {index} of the {self.stage} store done",
