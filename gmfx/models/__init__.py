@@ -81,13 +81,14 @@ def get_backend(model: str | type[Backend]) -> type[Backend]:
 
 
 def load_backend(backend: type[Backend], device: str, options: dict[str, Any] | None = None) -> Backend:
-    """The loaded model for ``(backend, device, options)`` in this process, loaded on first use.
+    """The loaded model for ``(backend, device, options)`` in this thread, loaded on first use.
 
-    Tasks call this on the worker, so a worker process loads each model once and a model is never
-    shipped inside a task.
+    Tasks call this on the worker, so a worker thread loads each model once and a model is never
+    shipped inside a task. One per thread: a model keeps per-region state (``reset()``, tracking), and
+    two recon tasks sharing one in a threaded worker broke MediaPipe's graph (packet timestamp mismatch).
     """
     options = dict(options or {})
-    key = (backend.__module__, backend.__qualname__, device, json.dumps(options, sort_keys=True, default=str))
+    key = (backend.__module__, backend.__qualname__, device, json.dumps(options, sort_keys=True, default=str), threading.get_ident())
     with _load_lock:
         if key not in _loaded:
             try:

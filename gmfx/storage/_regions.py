@@ -16,7 +16,7 @@ import logging
 import posixpath
 import uuid
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -142,7 +142,7 @@ class RegionStore:
             gmfx_stage=self.stage, gmfx_plan=plan_json, gmfx_regions=int(plan["regions"]), gmfx_complete=False,
             gmfx_instance=uuid.uuid4().hex,  # this template's identity: kept while regions are resumed into it
         )
-        try:
+        def write_template() -> None:  # mode="w": idempotent, so transient failures are retried whole
             template.to_zarr(
                 **self.location.zarr_kwargs(),
                 mode="w",
@@ -151,9 +151,22 @@ class RegionStore:
                 consolidated=False,
                 encoding=encoding,
             )
+
+        try:
+            self._retried(write_template, "writing the template")
+        except StorageError:
+            raise
         except Exception as error:  # noqa: BLE001 - any backend failure becomes a clear StorageError
             raise self._error("cannot be written", error) from error
         return set()
+
+    def _retried(self, operation: Callable[[], Any], what: str) -> None:
+        retry_transient(
+            operation,
+            what=f"{what} of the {self.stage} store",
+            where=self.location.url,
+            redactor=lambda text: redact(text, self.location.storage_options),
+        )
 
     def write_region(self, index: int, time: slice, arrays: Mapping[str, np.ndarray]) -> None:
         """Write ``arrays`` (each starting with the time axis) at ``time`` and mark region ``index`` done.
@@ -254,6 +267,9 @@ class RegionStore:
                 where=self.location.url,
                 fix=f"rerun gmfx {self.stage}: it resumes and writes only the missing regions",
             )
+        self._retried(lambda: self._complete(attrs, extra_attrs), "marking complete")
+
+    def _complete(self, attrs: Mapping[str, Any], extra_attrs: Mapping[str, Any] | None) -> None:
         group = self._group("r+")
         # the token of the template the regions went into: readers' plans record it, so a store written anew
         # (--overwrite, even with the same plan) makes the stages that read it recompute, while regions
