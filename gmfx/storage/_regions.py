@@ -183,7 +183,6 @@ class RegionStore:
         lock = path.rstrip("/") + ".lock"
         owner = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
         deadline = time.monotonic() + LOCK_WAIT_S
-        fs.makedirs(posixpath.dirname(lock), exist_ok=True)  # a no-op on object stores
         while True:
             try:
                 with fs.open(lock, "xb") as file:
@@ -191,6 +190,13 @@ class RegionStore:
                 break
             except FileExistsError:
                 pass
+            except FileNotFoundError as error:
+                if "file" not in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol):
+                    raise self._error("cannot be written", error) from error  # e.g. no such bucket: never create one
+                fs.makedirs(posixpath.dirname(lock), exist_ok=True)  # a local folder that does not exist yet
+                continue
+            except Exception as error:  # noqa: BLE001 - e.g. no such bucket, access denied: one clear message
+                raise self._error("cannot be written", error) from error
             holder = _read_lock(fs, lock)
             if _stale(holder, owner):
                 log.warning("removing the stale lock %s of the %s store (%s)", lock, self.stage, holder)
