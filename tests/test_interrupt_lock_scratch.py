@@ -114,3 +114,36 @@ def test_a_held_lock_is_a_clear_error_and_a_stale_one_is_removed(tmp_path, monke
         lock.write_text(json.dumps(holder))
         assert RegionStore(location, "decode").prepare(_template(), plan={"regions": 2}, overwrite=True) == set()
         assert not lock.exists()
+
+
+def test_a_failed_filter_keeps_only_a_named_scratch_store_which_success_removes(tmp_path, monkeypatch):
+    from gmfx import Location
+    from gmfx._errors import StorageError
+    from gmfx.stages import preproc as preproc_module
+    from gmfx.storage import RegionStore, store_location
+    from tests.test_preproc_stage import FILTER, _recording, _write_recon
+
+    root = Location(str(tmp_path / "bids"))
+    recording = _recording(root, events=False)
+    out = root.child("derivatives", "gmfx")
+    _write_recon(out, recording)
+    target = store_location(out, recording, "preproc")
+    real = preproc_module.execute_plans
+
+    def failing_filter(client, plans, *, description, progress):
+        if description == "preproc (filter)":
+            raise StorageError("a filter block cannot be written", where=target.url, fix="check the disk")
+        return real(client, plans, description=description, progress=progress)
+
+    monkeypatch.setattr(preproc_module, "execute_plans", failing_filter)
+    with pytest.raises(StorageError) as error:
+        preproc_module.run_preproc([recording], out, filter=FILTER, progress=False)
+    names = [p.name for p in pathlib.Path(target.url).parent.iterdir()]
+    assert pathlib.Path(target.url).name.removesuffix(".zarr") + "-scratch.zarr" in names  # kept for the rerun, named as scratch
+    assert not any(name.endswith("-unfiltered.zarr") for name in names)
+    message = str(error.value)
+    assert "check the disk" in message and "scratch" in message and "-scratch.zarr" in message and "removed when preproc succeeds" in message
+    monkeypatch.setattr(preproc_module, "execute_plans", real)
+    preproc_module.run_preproc([recording], out, filter=FILTER, progress=False)
+    assert RegionStore(target, "preproc").is_complete()
+    assert not any(p.name.endswith("-scratch.zarr") for p in pathlib.Path(target.url).parent.iterdir())
