@@ -145,7 +145,7 @@ def measure(kind: str, source: Path) -> tuple[float, float]:
 
     target = WORK / f"{kind}_{source.stem}_out.zarr"
     shutil.rmtree(target, ignore_errors=True)
-    shutil.rmtree(str(target).removesuffix(".zarr") + "-unfiltered.zarr", ignore_errors=True)
+    shutil.rmtree(str(target).removesuffix(".zarr") + "-scratch.zarr", ignore_errors=True)
     start = time.perf_counter()
     child = subprocess.Popen([sys.executable, __file__, "--run", kind, str(source), str(target)])
     process, peak = psutil.Process(child.pid), 0

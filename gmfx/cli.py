@@ -149,6 +149,10 @@ class Selection:
             yield client
 
 
+#: the one line an interrupted command prints (finished regions are kept, so the same command resumes)
+INTERRUPTED = "interrupted: rerun the same command to resume"
+
+
 @contextlib.contextmanager
 def _session(
     input: str,
@@ -184,7 +188,7 @@ def _session(
             typer.echo(redact(f"error: {_in_flags(str(error))}", options), err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
-            typer.echo("interrupted: finished regions are kept; run the same command again to resume", err=True)
+            typer.echo(INTERRUPTED, err=True)
             raise typer.Exit(130) from None
 
 
@@ -866,7 +870,11 @@ def example(
 
 def main() -> None:
     """Entry point of the ``gmfx`` command."""
-    app()
+    try:
+        app()
+    except KeyboardInterrupt:  # Ctrl-C outside a dataset command's session (e.g. while importing): still one line
+        print(INTERRUPTED, file=sys.stderr)
+        sys.exit(130)
 
 
 def _alias(command: str):

@@ -59,7 +59,8 @@ def connect(scheduler: str | None = None, *, workers: int | None = None, gpus: i
         ), n)  # fmt: skip
     else:
         cluster = _start(lambda: LocalCluster(
-            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit=memory_limit
+            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit=memory_limit,
+            preload=["gmfx._worker_signals"],  # Ctrl-C stops the command, which stops its workers: no traceback from each
         ), n)  # fmt: skip
     client = Client(cluster)
     try:

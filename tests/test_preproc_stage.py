@@ -51,7 +51,7 @@ def test_chain_on_s3_equals_local_and_the_lazy_result(tmp_path, s3_root):
         (location,) = run_preproc([recording], out, filter=FILTER, progress=False)
         assert location == store_location(out, recording, "preproc")
         written = open_dataset(location, stage="preproc")
-        assert not RegionStore(Location(location.url.removesuffix(".zarr") + "-unfiltered.zarr", location.storage_options), "preproc").attrs()
+        assert not RegionStore(Location(location.url.removesuffix(".zarr") + "-scratch.zarr", location.storage_options), "preproc").attrs()
         results.append(written)
         (epoch_location,) = run_epochs([recording], out, start=-0.2, end=0.5, progress=False)
         results.append(open_dataset(epoch_location, stage="epoch"))

@@ -138,7 +138,7 @@ def test_each_stage_reruns_exactly_the_missing_region(tmp_path, executed):
         executed.clear()
         _rerun(stage, recordings, out, unfiltered)
         if stage == "preproc-filtered":  # its unfiltered scratch was removed when the stage finished: redone whole
-            scratch = [entry for entry in executed if entry[1].endswith("-unfiltered.zarr")]
+            scratch = [entry for entry in executed if entry[1].endswith("_preproc-scratch.zarr")]
             assert sorted(i for _, _, i in scratch) == list(range(10))
             executed[:] = [entry for entry in executed if entry not in scratch]
         assert executed == [(body, location.name, index)], stage

@@ -5,7 +5,8 @@ Layout (per recording, below the output root ``out``)::
     <name>_recon.zarr               read
     <name>_preproc.zarr             the result of the chain (align -> interpolate -> filter, the steps
                                     switched on); ``attrs["gmfx_history"]`` lists each step and its parameters
-    <name>_preproc-unfiltered.zarr  scratch, only while a chain with a filter runs (removed at the end)
+    <name>_preproc-scratch.zarr     unfiltered scratch of a chain with a filter: removed when the chain succeeds,
+                                    kept after a failed filter so that the rerun resumes from it (never an output)
     <name>_epochs.zarr              epochs of the preproc store around the events of ``<name>_events.tsv``
 
 Each single step (``gmfx align``, ``gmfx interpolate``, ``gmfx filter``) is the chain with the other
@@ -52,7 +53,7 @@ from zarr.codecs import BloscCodec
 
 from gmfx import preproc as ops
 from gmfx._checks import check_options
-from gmfx._errors import EventsError
+from gmfx._errors import EventsError, GmfxError
 from gmfx._execute import StorePlan, execute_plans
 from gmfx._validate import check_events, warn_short_stretches
 from gmfx.dataset import Recording
@@ -263,7 +264,7 @@ def _finalize_attrs(ds: xr.Dataset, source: Location) -> dict[str, Any]:
 
 
 def _scratch(location: Location) -> Location:
-    return Location(location.url.removesuffix(".zarr") + "-unfiltered.zarr", location.storage_options)
+    return Location(location.url.removesuffix(".zarr") + "-scratch.zarr", location.storage_options)
 
 
 def _vertex_chunk(ds: xr.Dataset) -> int:
@@ -333,7 +334,15 @@ def run_chain(
         plan = _plan_filtered(filtered, t, source=f, overwrite=overwrite, chunk=chunk, vertex_chunk=vchunk, label=name)
         plan.attrs = _finalize_attrs(filtered, s)
         plans.append(plan)
-    execute_plans(client, plans, description="preproc (filter)", progress=progress)
+    try:
+        execute_plans(client, plans, description="preproc (filter)", progress=progress)
+    except GmfxError as error:  # say what the scratch stores left behind are, and that a rerun uses them
+        kept = ", ".join(where.url for where in scratch)
+        error.fix = (f"{error.fix}; " if error.fix else "") + (
+            f"the unfiltered scratch ({kept}) is kept so that the rerun filters without redoing align and "
+            "interpolate; it is not a result and is removed when preproc succeeds"
+        )
+        raise
     for where in scratch:
         RegionStore(where, "preproc").delete()
     return requested

@@ -10,13 +10,17 @@ a store is never marked complete before every region is in.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import posixpath
+import socket
+import time
 import uuid
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -30,6 +34,10 @@ from gmfx.storage._retry import is_transient, retry_transient
 __all__ = ["RegionStore", "open_dataset", "open_store", "plan_token"]
 
 _MARKERS = "_gmfx/regions"
+#: how long ``prepare`` waits for another run preparing the same store (writing a template takes seconds)
+LOCK_WAIT_S = 60.0
+#: a lock older than this is left over from a run that died while preparing (preparing never takes this long)
+LOCK_STALE_S = 600.0
 log = logging.getLogger(__name__)
 
 
@@ -136,12 +144,21 @@ class RegionStore:
                 where=self.location.url,
                 fix="rerun with --overwrite to replace it, or choose another --out",
             )
+        with self._lock():
+            # another run may have written the template while we waited: resume into it, never delete it
+            attrs = None if overwrite else self.attrs()
+            if attrs is not None and attrs.get("gmfx_plan") == plan_json:
+                return set(range(attrs["gmfx_regions"])) if attrs.get("gmfx_complete") else self.done_regions()
+            return self._write_template(template, plan, plan_json, encoding)
+
+    def _write_template(self, template: xr.Dataset, plan: Mapping[str, Any], plan_json: str, encoding) -> set[int]:
         self.delete()
         template = template.copy()
         template.attrs.update(
             gmfx_stage=self.stage, gmfx_plan=plan_json, gmfx_regions=int(plan["regions"]), gmfx_complete=False,
             gmfx_instance=uuid.uuid4().hex,  # this template's identity: kept while regions are resumed into it
         )
+
         def write_template() -> None:  # mode="w": idempotent, so transient failures are retried whole
             template.to_zarr(
                 **self.location.zarr_kwargs(),
@@ -167,6 +184,50 @@ class RegionStore:
             where=self.location.url,
             redactor=lambda text: redact(text, self.location.storage_options),
         )
+    @contextlib.contextmanager
+    def _lock(self) -> Iterator[None]:
+        """Hold ``<store>.lock`` beside the store (an atomic create) while its template is replaced.
+
+        Two runs on one dataset would otherwise both delete and rewrite the store, each losing the
+        other's regions. A second run waits up to :data:`LOCK_WAIT_S` and then resumes into the
+        template the first wrote. A lock older than :data:`LOCK_STALE_S`, or left by a process of this
+        host that is gone, is stale and removed with a warning."""
+        fs, path = self.location.filesystem()
+        lock = path.rstrip("/") + ".lock"
+        owner = {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+        deadline = time.monotonic() + LOCK_WAIT_S
+        while True:
+            try:
+                with fs.open(lock, "xb") as file:
+                    file.write(json.dumps(owner).encode())
+                break
+            except FileExistsError:
+                pass
+            except FileNotFoundError as error:
+                if "file" not in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol):
+                    raise self._error("cannot be written", error) from error  # e.g. no such bucket: never create one
+                fs.makedirs(posixpath.dirname(lock), exist_ok=True)  # a local folder that does not exist yet
+                continue
+            except Exception as error:  # noqa: BLE001 - e.g. no such bucket, access denied: one clear message
+                raise self._error("cannot be written", error) from error
+            holder = _read_lock(fs, lock)
+            if _stale(holder, owner):
+                log.warning("removing the stale lock %s of the %s store (%s)", lock, self.stage, holder)
+                _remove(fs, lock)
+                continue
+            if time.monotonic() > deadline:
+                raise StorageError(
+                    f"another gmfx run (host {holder.get('host')}, pid {holder.get('pid')}, since "
+                    f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(holder.get('time', 0)))}) is preparing the {self.stage} store",
+                    where=self.location.url,
+                    fix=f"wait for that run to finish; if it is no longer running, delete {self.location.url.rstrip('/')}.lock "
+                    f"(a lock older than {LOCK_STALE_S / 60:.0f} minutes is removed by itself)",
+                )
+            time.sleep(0.1)
+        try:
+            yield
+        finally:
+            _remove(fs, lock)
 
     def write_region(self, index: int, time: slice, arrays: Mapping[str, np.ndarray]) -> None:
         """Write ``arrays`` (each starting with the time axis) at ``time`` and mark region ``index`` done.
@@ -305,6 +366,36 @@ class RegionStore:
             where=self.location.url,
             fix="check the URL, that the bucket or folder exists and is writable, and the credentials",
         )
+
+
+def _read_lock(fs, lock: str) -> dict[str, Any]:
+    try:
+        holder = json.loads(fs.cat_file(lock))
+    except FileNotFoundError:
+        return {"time": time.time()}  # released meanwhile: the next attempt takes it
+    except ValueError:  # written but not yet filled: it is being taken now
+        return {"time": time.time()}
+    return holder if isinstance(holder, dict) else {"time": 0.0}
+
+
+def _stale(holder: Mapping[str, Any], me: Mapping[str, Any]) -> bool:
+    if me["time"] - float(holder.get("time", 0.0)) > LOCK_STALE_S:
+        return True
+    if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int):
+        try:
+            os.kill(holder["pid"], 0)  # no signal sent: only asks whether that process exists
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+    return False
+
+
+def _remove(fs, lock: str) -> None:
+    try:
+        fs.rm_file(lock)
+    except FileNotFoundError:
+        pass
 
 
 def _inputs_changed(stored_json: Any, plan: Mapping[str, Any]) -> bool:
