@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 import xarray as xr
 import zarr
 
@@ -204,7 +205,7 @@ class RegionStore:
             except FileExistsError:
                 pass
             except FileNotFoundError as error:
-                if "file" not in ((fs.protocol,) if isinstance(fs.protocol, str) else fs.protocol):
+                if not isinstance(fs, LocalFileSystem):
                     raise self._error("cannot be written", error) from error  # e.g. no such bucket: never create one
                 fs.makedirs(posixpath.dirname(lock), exist_ok=True)  # a local folder that does not exist yet
                 continue
