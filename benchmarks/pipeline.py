@@ -5,6 +5,8 @@ forwards and backwards until each has ``--frames`` frames), each with frame time
 
     python benchmarks/pipeline.py                      # 4 recordings x 1,800 frames
     python benchmarks/pipeline.py --recordings 2 --frames 300
+
+Figures go to ``benchmarks/results/pipeline.json`` too.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import urllib.request
 
 import av
 import numpy as np
+from _common import Report
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 WORK = REPO / "benchmarks" / "_work" / "pipeline"
@@ -106,7 +109,8 @@ def main() -> None:
     study = WORK / "study"
     make_dataset(study, args.recordings, args.frames)
     total = args.recordings * args.frames
-    print(f"dataset: {args.recordings} recordings x {args.frames} frames (640x360), {total} frames in all")
+    report = Report("pipeline", args)
+    report.note(f"dataset: {args.recordings} recordings x {args.frames} frames (640x360), {total} frames in all")
 
     results: dict[str, float] = {}
     for workers in (1, 2):
@@ -120,11 +124,12 @@ def main() -> None:
         seconds = timed_run(s3_study, Location(f"s3://{bucket}/derivatives/gmfx", options), 2)
         results["s3 (moto server process), 2 worker(s)"] = total / seconds
 
-    for name, fps in results.items():
-        print(f"{name:40s} {fps:8.1f} frames/s")
     two, one, s3 = results["local, 2 worker(s)"], results["local, 1 worker(s)"], results["s3 (moto server process), 2 worker(s)"]
-    print(f"2 workers / 1 worker: {two / one:.2f}x (target >= 1.6x)")
-    print(f"S3 / local (2 workers): {s3 / two:.2f}x (target >= 0.7x)")
+    report.add("local, 1 worker", one, "frames/s")
+    report.add("local, 2 workers", two, "frames/s", ratio=two / one, baseline="local, 1 worker", target=1.6)
+    report.add("s3 (moto server process), 2 workers", s3, "frames/s", ratio=s3 / two, baseline="local, 2 workers", target=0.7)
+    report.stage_cost("pipeline_mediapipe", "wall_s_per_frame_1_worker", 1 / one)
+    report.write()
 
 
 if __name__ == "__main__":
