@@ -30,7 +30,10 @@ __all__ = [
     "VideoIndex",
     "index_video",
     "output_size",
+    "iter_decoded",
     "iter_segment",
+    "first_frame",
+    "rgb_into",
     "decode_segment",
     "read_frame_times",
 ]
@@ -212,6 +215,44 @@ def _seek_target(index: VideoIndex, start: int) -> int | None:
     return None if k <= 0 else int(index.keyframe_seek[k])
 
 
+def iter_decoded(
+    location: Location, index: VideoIndex, start: int, stop: int, *, threads: int = 0
+) -> Iterator[av.VideoFrame]:
+    """Decode frames ``[start, stop)`` in order, checking each frame's pts against the index.
+
+    ``threads`` sets the decoder's threads (0: as many as cores).
+
+    Raises
+    ------
+    VideoError
+        A frame cannot be decoded, is missing, or has another pts than the index says (names the frame).
+    """
+    if not 0 <= start < stop <= index.n_frames:
+        raise ValueError(f"bad segment [{start}, {stop}) of {index.n_frames} frames")
+    target = _seek_target(index, start)
+    position = start
+    with contextlib.ExitStack() as stack:
+        frames = stack.enter_context(_decoded_from(location, index, start, target, threads))
+        first = next(frames, None)
+        if target is not None and (first is None or first.pts != index.pts[start]):
+            target = None  # the seek overshot the segment: decode from the beginning instead
+            frames = stack.enter_context(_decoded_from(location, index, start, target, threads))
+            first = next(frames, None)
+        for frame in itertools.chain([first] if first is not None else [], frames):
+            if frame.pts != index.pts[position]:
+                raise _pts_error(location, index, position, frame.pts, target)
+            yield frame
+            position += 1
+            if position == stop:
+                return
+    raise VideoError(
+        f"the video ends before frame {position} (t={index.times[position]:.6f} s); "
+        f"{index.n_frames} frames were expected",
+        where=location.url,
+        fix="the file is truncated or corrupted: copy it again, or " + _REENCODE,
+    )
+
+
 def iter_segment(
     location: Location,
     index: VideoIndex,
@@ -238,39 +279,18 @@ def iter_segment(
     if not 0 <= start < stop <= index.n_frames or batch < 1:
         raise ValueError(f"bad segment [{start}, {stop}) of {index.n_frames} frames (batch {batch})")
     width, height = output_size(index.width, index.height, max_size)
-    resize = {} if (width, height) == (index.width, index.height) else {
-        "width": width, "height": height, "interpolation": "AREA"
-    }
-    target = _seek_target(index, start)
-    position = start
     allocate = allocate or (lambda shape: np.empty(shape, np.uint8))
     buffer = allocate((min(batch, stop - start), height, width, 3))
-    filled = 0
-    with contextlib.ExitStack() as stack:
-        frames = stack.enter_context(_decoded_from(location, index, start, target, threads))
-        first = next(frames, None)
-        if target is not None and (first is None or first.pts != index.pts[start]):
-            target = None  # the seek overshot the segment: decode from the beginning instead
-            frames = stack.enter_context(_decoded_from(location, index, start, target, threads))
-            first = next(frames, None)
-        for frame in itertools.chain([first] if first is not None else [], frames):
-            if frame.pts != index.pts[position]:
-                raise _pts_error(location, index, position, frame.pts, target)
-            _rgb_into(frame, buffer[filled], resize)
-            filled += 1
-            position += 1
-            if filled == len(buffer):
-                yield buffer
-                if position == stop:
-                    return
+    filled, position = 0, start
+    for frame in iter_decoded(location, index, start, stop, threads=threads):
+        rgb_into(frame, buffer[filled], max_size)
+        filled += 1
+        position += 1
+        if filled == len(buffer):
+            yield buffer
+            if position < stop:
                 buffer = allocate((min(batch, stop - position), height, width, 3))
                 filled = 0
-    raise VideoError(
-        f"the video ends before frame {position} (t={index.times[position]:.6f} s); "
-        f"{index.n_frames} frames were expected",
-        where=location.url,
-        fix="the file is truncated or corrupted: copy it again, or " + _REENCODE,
-    )
 
 
 @contextlib.contextmanager
@@ -316,8 +336,13 @@ def _decode_error(location: Location, index: VideoIndex, packet, error: Exceptio
     )
 
 
-def _rgb_into(frame: av.VideoFrame, out: np.ndarray, resize: dict) -> None:
-    """Convert ``frame`` to RGB (resized as told) straight into ``out``: one copy, as ``to_ndarray`` makes."""
+def rgb_into(frame: av.VideoFrame, out: np.ndarray, max_size: int | None = None) -> None:
+    """Convert ``frame`` to RGB (shrunk to ``max_size``, area interpolation) straight into ``out``: one
+    copy, as ``to_ndarray`` makes."""
+    width, height = output_size(frame.width, frame.height, max_size)
+    resize = {} if (width, height) == (frame.width, frame.height) else {
+        "width": width, "height": height, "interpolation": "AREA"
+    }
     rgb = frame.reformat(format="rgb24", **resize)
     plane = rgb.planes[0]
     rows = np.frombuffer(plane, np.uint8).reshape(rgb.height, plane.line_size)  # rows may be padded
@@ -343,13 +368,19 @@ def decode_segment(
     return frames, index.times[start:stop]
 
 
-def display_rotation(location: Location) -> int:
-    """The counter-clockwise display rotation (degrees) the container asks players to apply, e.g. 90 for
-    a portrait phone video; read from the first decoded frame."""
+def first_frame(location: Location) -> av.VideoFrame | None:
+    """The first decoded frame of the video (``None`` when nothing decodes)."""
     with _open_container(location) as (container, _):
         for frame in container.decode(container.streams.video[0]):
-            return int(round(frame.rotation or 0)) % 360
-    return 0
+            return frame
+    return None
+
+
+def display_rotation(location: Location, frame: av.VideoFrame | None = None) -> int:
+    """The counter-clockwise display rotation (degrees) the container asks players to apply, e.g. 90 for
+    a portrait phone video; read from the first decoded frame (``frame`` when given)."""
+    frame = frame if frame is not None else first_frame(location)
+    return 0 if frame is None else int(round(frame.rotation or 0)) % 360
 
 
 def read_frame_times(frametimes: Location, video: Location, n_frames: int | None) -> np.ndarray:

@@ -1,46 +1,63 @@
-"""Decode stage: every video becomes a chunked Zarr store of RGB frames with exact per-frame times.
+"""Decode stage: every video becomes a sharded Zarr store of the decoder's own pixels with exact per-frame times.
 
-The store ``<out>/sub-XX/[ses-YY/]<recording>_frames.zarr`` holds ``frames`` ``(time, y, x, rgb)`` uint8,
-chunked ``(chunk_frames, H, W, 3)`` and compressed with zstd, and the coordinates ``time`` (seconds,
-from ``_frametimes.tsv`` when present, else the container's pts) and ``frame`` (0..n-1).
+The store ``<out>/sub-XX/[ses-YY/]<recording>_frames.zarr`` holds, for a video of planar 8-bit YUV (what
+H.264, HEVC, VP9 and AV1 decoders give), the decoder's planes ``y_plane`` ``(time, y, x)`` and ``u_plane``,
+``v_plane`` ``(time, chroma_y, chroma_x)`` uint8 with the ``pixels`` attribute (pixel format, colour
+matrix and range, interlacing, chroma siting) that converting them needs; :func:`open_frames` shows them
+as ``frames`` ``(time, y, x, rgb)`` uint8, converted chunk by chunk, equal to a plain PyAV
+``to_ndarray(format="rgb24")`` decode (see :mod:`gmfx._pixels`). Resized frames (``max_size``) and other
+pixel formats are stored as ``frames`` RGB (``frames_layout="rgb"``). The coordinates are ``time``
+(seconds, from ``_frametimes.tsv`` when present, else the container's pts) and ``frame`` (0..n-1).
 
 Planning indexes each video (demux only), checks its frame times and writes the store's template with
-the coordinates. Each task then decodes one *segment* (whole chunks) and writes it chunk by chunk while
-decoding the next chunk, so a task holds about three chunks in memory however long its segment is; once
-every chunk is in, :meth:`RegionStore.mark_done` records the region as done.
+the coordinates. Each task decodes one *segment* of whole shards, writing each shard (one object per
+plane) in the background while it decodes the next, so a task holds at most two shards of raw pixels;
+once every shard is in, :meth:`RegionStore.mark_done` records the region as done.
 
-Defaults, from measurements on 640x360 video (``benchmarks/decode.py``):
+Defaults, measured on 640x360 H.264 here (``benchmarks/frames_codecs.py``, CPU per frame to store):
 
-* ``chunk_frames``: 64 frames (about 2 s of video, 44 MB raw and 10-20 MB stored at 640x360), fewer
-  when 64 frames would exceed 64 MiB raw; later stages read whole chunks, and objects of 10+ MB suit S3.
-* ``segment_frames``: about 512 frames (whole chunks). A task seeks to the keyframe before its segment
-  and decodes from there, so segments much longer than the keyframe interval waste little work, while
-  several segments per video keep every worker busy.
-* zstd level 2 (``compression_level``): frames stored 3.2x smaller than raw, compressing about 640
-  frames/s on one core; level 1 compresses 13 % faster but stores 26 % more, level 3 stores 12 % less
-  but compresses 22 % slower. Compression costs about twice the CPU of decoding, so it sets the speed.
+* planes instead of RGB: 0.05 ms instead of 0.4-0.8 ms to take a frame from the decoder, and zstd
+  level 2 stores 94 kB a frame instead of 216 kB (RGB) in 1.0 ms instead of 2.3 ms; level 1 stores
+  113 kB, level 3 84 kB for 15 % more CPU, blosc-lz4 172 kB for 25 % less.
+* ``chunk_frames`` (the unit a read decompresses): at most 1.5 MB of raw pixels, 4 frames at 640x360,
+  so one frame (a QC still) reads about 0.36 MB; 1 frame a chunk costs 2x the CPU of 4 per frame.
+* shards (the objects): at most 256 MiB of raw pixels, 776 frames at 640x360 (about 70 MB stored), so
+  an hour of 30 fps video is about 140 shards a plane and 560 objects with the markers.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
-import queue
 import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
+import av
 import dask.array
 import numpy as np
 import xarray as xr
+import zarr
 from distributed import Client
 from zarr.codecs import ZstdCodec
 
-from gmfx._errors import ParameterError, parameter
+from gmfx._errors import ParameterError, StorageError, VideoError, parameter
 from gmfx._execute import StorePlan, execute_plans
+from gmfx._pixels import PixelFormat, PlanesToRgb, copy_planes, pixel_format, same_properties
 from gmfx._validate import check_frame_times
 from gmfx._version import __version__
-from gmfx._video import VideoIndex, display_rotation, index_video, iter_segment, output_size, read_frame_times
+from gmfx._video import (
+    VideoIndex,
+    display_rotation,
+    first_frame,
+    index_video,
+    iter_decoded,
+    output_size,
+    read_frame_times,
+    rgb_into,
+)
 from gmfx.dataset import Recording
 from gmfx.storage import (
     Location,
@@ -53,27 +70,65 @@ from gmfx.storage import (
     write_dataset_description,
 )
 from gmfx.storage._fingerprint import relative_name
+from gmfx.storage._frames_schema import FRAMES_SCHEMA, frames_layout, keep_other_schema
 from gmfx.types import STAGES, Region, Task, split_regions
 
-__all__ = ["STAGE", "RotationWarning", "plan_decode", "run_decode", "open_frames", "default_chunk_frames"]
+__all__ = [
+    "STAGE", "RotationWarning", "FrameReader", "plan_decode", "run_decode", "open_frames", "default_chunk_frames",
+]  # fmt: skip
 
 STAGE = STAGES["decode"]
 
-#: chunks hold at most this many frames, and at most ``MAX_CHUNK_BYTES`` raw
-MAX_CHUNK_FRAMES = 64
-MAX_CHUNK_BYTES = 64 * 2**20
-#: frames a task decodes by default (rounded to whole chunks)
-SEGMENT_FRAMES = 512
+#: a chunk (what one read decompresses) holds at most this many raw bytes, and at least one frame
+MAX_CHUNK_BYTES = 1_500_000
+#: a shard (one stored object a plane, what one task writes) holds at most this many raw bytes
+MAX_SHARD_BYTES = 256 * 2**20
 COMPRESSION_LEVEL = 2
+#: dimensions of the stored planes, by plane name
+_PLANE_DIMS = {
+    "y_plane": ("time", "y", "x"),
+    "u_plane": ("time", "chroma_y", "chroma_x"),
+    "v_plane": ("time", "chroma_y", "chroma_x"),
+    "a_plane": ("time", "y", "x"),
+}
+_RGB_DIMS = ("time", "y", "x", "rgb")
+_REWRITE = "or rewrite it with gmfx decode --overwrite"
 
 
 class RotationWarning(UserWarning):
     """A video carries a display rotation that gmfx records but does not apply."""
 
 
-def default_chunk_frames(width: int, height: int) -> int:
-    """Frames per chunk: ``MAX_CHUNK_FRAMES``, fewer when that would exceed ``MAX_CHUNK_BYTES`` raw."""
-    return max(1, min(MAX_CHUNK_FRAMES, MAX_CHUNK_BYTES // (width * height * 3)))
+@dataclass(frozen=True)
+class _Layout:
+    """What a decode task stores of each frame: the planes (``pixels``) or RGB frames of ``width`` x ``height``."""
+
+    pixels: PixelFormat | None
+    width: int
+    height: int
+    max_size: int | None
+
+    @property
+    def variables(self) -> dict[str, tuple[int, ...]]:
+        """Stored variable -> shape of one frame of it."""
+        if self.pixels is None:
+            return {"frames": (self.height, self.width, 3)}
+        return dict(zip(self.pixels.plane_names, self.pixels.planes))
+
+    @property
+    def frame_bytes(self) -> int:
+        return sum(int(np.prod(shape)) for shape in self.variables.values())
+
+
+def default_chunk_frames(frame_bytes: int) -> int:
+    """Frames per chunk: as many as fit in ``MAX_CHUNK_BYTES`` raw, at least one."""
+    return max(1, MAX_CHUNK_BYTES // frame_bytes)
+
+
+def _shard_frames(chunk: int, frame_bytes: int, segment_frames: int | None) -> int:
+    """Frames per shard: whole chunks within ``MAX_SHARD_BYTES`` raw, or the segment when it is shorter."""
+    by_bytes = chunk * max(1, MAX_SHARD_BYTES // (chunk * frame_bytes))
+    return by_bytes if segment_frames is None else min(by_bytes, -(-segment_frames // chunk) * chunk)
 
 
 def plan_decode(
@@ -84,6 +139,7 @@ def plan_decode(
     segment_frames: int | None = None,
     max_size: int | None = None,
     compression_level: int = COMPRESSION_LEVEL,
+    frames_layout: Literal["auto", "rgb"] = "auto",
     overwrite: bool = False,
 ) -> StorePlan:
     """Index ``recording``'s video, write its frames store's template, and list the regions left to do.
@@ -95,13 +151,16 @@ def plan_decode(
     out
         The output root; the store goes to ``<out>/sub-XX/[ses-YY/]<recording>_frames.zarr``.
     chunk_frames
-        Frames per Zarr chunk (default: :func:`default_chunk_frames`).
+        Frames per Zarr chunk, the unit a read decompresses (default: :func:`default_chunk_frames`).
     segment_frames
-        Frames per task, rounded up to whole chunks (default: about 512).
+        Frames per task, rounded up to whole shards (default: one shard, at most 256 MiB raw).
     max_size
-        Shrink frames so that their longest side is at most this many pixels.
+        Shrink frames so that their longest side is at most this many pixels (stored as RGB).
     compression_level
-        zstd level of the stored frames.
+        zstd level of the stored pixels.
+    frames_layout
+        ``"auto"``: the decoder's planes when they convert to RGB exactly (planar 8-bit YUV, no
+        ``max_size``), else RGB frames; ``"rgb"``: RGB frames always.
     overwrite
         Replace a store written with other inputs or parameters.
 
@@ -110,6 +169,12 @@ def plan_decode(
     VideoError, FrameTimesError, StorageError, ParameterError
     """
     _check_positive(chunk_frames=chunk_frames, segment_frames=segment_frames, max_size=max_size)
+    if frames_layout not in ("auto", "rgb"):
+        raise ParameterError(
+            f"frames_layout must be 'auto' or 'rgb', not {frames_layout!r}",
+            where=parameter("run_decode", "frames_layout"),
+            fix="give 'auto' (the decoder's planes when exact) or 'rgb'",
+        )
     index = index_video(recording.video)
     times = (
         index.times
@@ -119,9 +184,12 @@ def plan_decode(
     if recording.frametimes is not None:
         check_frame_times(times, index.times, frametimes=recording.frametimes.url, video=recording.video.url)
     width, height = output_size(index.width, index.height, max_size)
-    chunk = chunk_frames or default_chunk_frames(width, height)
-    chunks_per_segment = max(1, -(-(segment_frames or SEGMENT_FRAMES) // chunk))
-    regions = split_regions(index.n_frames, chunk, chunks_per_segment)
+    first = first_frame(recording.video)
+    rotation = display_rotation(recording.video, first)
+    layout, why_rgb = _choose_layout(first, frames_layout, width, height, max_size)
+    chunk = min(chunk_frames or default_chunk_frames(layout.frame_bytes), index.n_frames)
+    shard = min(_shard_frames(chunk, layout.frame_bytes, segment_frames), -(-index.n_frames // chunk) * chunk)
+    regions = split_regions(index.n_frames, shard)
     attrs = {
         "gmfx_version": __version__,
         "source": recording.video.url,
@@ -134,10 +202,17 @@ def plan_decode(
         "time_base": f"{index.time_base.numerator}/{index.time_base.denominator}",
         "n_frames": index.n_frames,
         "chunk_frames": chunk,
+        "shard_frames": shard,
+        "frames_schema": FRAMES_SCHEMA,
+        "frames_layout": "rgb" if layout.pixels is None else "planes",
         # frames are stored as coded; players rotate them by this (portrait phone videos): meshes are in
         # the coded image's coordinates
-        "source_rotation": display_rotation(recording.video),
+        "source_rotation": rotation,
     }
+    if layout.pixels is not None:
+        attrs["pixels"] = layout.pixels.to_attrs()
+    else:
+        attrs["frames_layout_reason"] = why_rgb
     if attrs["source_rotation"]:
         warnings.warn(
             f"recording {recording.name}: the video asks players to rotate it by {attrs['source_rotation']} degrees; "
@@ -155,8 +230,11 @@ def plan_decode(
             "frame_times": "container" if recording.frametimes is None else relative_name(recording.frametimes, recording.root),
             "frame_times_digest": _digest(times.tobytes()),
         },
+        "frames_schema": FRAMES_SCHEMA,
+        "frames_layout": attrs["frames_layout"],
+        "pixels": attrs.get("pixels"),
         "chunk_frames": chunk,
-        "segment_frames": chunks_per_segment * chunk,
+        "segment_frames": shard,
         "max_size": max_size,
         "width": width,
         "height": height,
@@ -164,7 +242,9 @@ def plan_decode(
         "regions": len(regions),
     }
     store = RegionStore(store_location(out, recording, STAGE.name), STAGE.name)
-    template, encoding = _template(times, width, height, chunk, compression_level, attrs)
+    if not overwrite and keep_other_schema(store.attrs(), plan, store.location.url):
+        return StorePlan(store=store, tasks=[], regions=len(regions), attrs={}, label=recording.name)
+    template, encoding = _template(times, layout, chunk, shard, compression_level, attrs)
     done = store.prepare(template, plan=plan, overwrite=overwrite, encoding=encoding)
     # the store is part of the key: the same video decoded into two stores must not share tasks
     token = plan_token(store.location, plan)
@@ -172,7 +252,7 @@ def plan_decode(
         Task(
             key=f"decode-{recording.name}-{token}-{region.index:06d}",
             function=decode_region,
-            args=(store, recording.video, index, region, chunk, max_size),
+            args=(store, recording.video, index, region, layout, shard),
             weight=len(region),
         )
         for region in regions
@@ -181,42 +261,99 @@ def plan_decode(
     return StorePlan(store=store, tasks=tasks, regions=len(regions), attrs=attrs, label=recording.name)
 
 
+def _choose_layout(
+    first: av.VideoFrame | None, frames_layout: str, width: int, height: int, max_size: int | None
+) -> tuple[_Layout, str]:
+    """The layout to store, and why it is RGB when it is."""
+    rgb = functools.partial(_Layout, None, width, height, max_size)
+    if frames_layout == "rgb":
+        return rgb(), "frames_layout='rgb' was asked for"
+    if first is None:
+        return rgb(), "no frame decodes"
+    if (width, height) != (first.width, first.height):
+        return rgb(), f"frames are resized to {width}x{height} (max_size)"
+    found = pixel_format(first)
+    if isinstance(found, str):
+        return rgb(), found
+    return _Layout(found, width, height, max_size), ""
+
+
 def decode_region(
-    store: RegionStore, video: Location, index: VideoIndex, region: Region, chunk_frames: int, max_size: int | None
+    store: RegionStore, video: Location, index: VideoIndex, region: Region, layout: _Layout, shard: int
 ) -> int:
-    """Decode ``region`` of ``video`` into ``store`` chunk by chunk; mark it done; return its frame count.
+    """Decode ``region`` of ``video`` into ``store`` shard by shard; mark it done; return its frame count.
 
-    Chunks are compressed and written in background threads while the next chunk decodes (at most
-    two wait, which bounds memory); the region is marked done once all of them are in.
+    Each shard is compressed and written in a background thread while the next one decodes; the
+    region is marked done once all of them are in. With planes, every frame must have the format and
+    colour properties of the plan, and the first frame of every shard must convert to the RGB the
+    decoder's own frame gives (a check of the conversion on real pixels, at 1/shard of the cost).
     """
-    pending: list[Future] = []
-    recycled: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()  # chunk buffers already written
+    variables = layout.variables
+    convert = None if layout.pixels is None else PlanesToRgb(layout.pixels)
+    spare: list[dict[str, np.ndarray]] = []  # shard buffers already written
+    pending: Future | None = None
 
-    def allocate(shape: tuple[int, ...]) -> np.ndarray:
-        while not recycled.empty():
-            buffer = recycled.get()
-            if buffer.shape == shape:
-                return buffer
-        return np.empty(shape, np.uint8)
+    def write(start: int, buffers: dict[str, np.ndarray], filled: int) -> None:
+        store.write_block({name: values[:filled] for name, values in buffers.items()}, offsets={"time": start})
+        spare.append(buffers)
 
-    def write(time: slice, batch: np.ndarray) -> None:
-        store.write_block({"frames": batch}, offsets={"time": time.start})
-        recycled.put(batch)
+    def new_buffers(frames: int) -> dict[str, np.ndarray]:
+        while spare:
+            buffers = spare.pop()
+            if len(next(iter(buffers.values()))) >= frames:
+                return buffers
+        return {name: np.empty((frames, *shape), np.uint8) for name, shape in variables.items()}
 
-    start = region.start
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="gmfx-decode-write") as writer:
-        segment = iter_segment(
-            video, index, region.start, region.stop, batch=chunk_frames, max_size=max_size, allocate=allocate
-        )
-        for batch in segment:
-            if len(pending) >= 2:
-                pending.pop(0).result()
-            pending.append(writer.submit(write, slice(start, start + len(batch)), batch))
-            start += len(batch)
-        for future in pending:
-            future.result()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gmfx-decode-write") as writer:
+        start, filled = region.start, 0
+        buffers = new_buffers(min(shard, region.stop - start))
+        for position, frame in enumerate(iter_decoded(video, index, region.start, region.stop), region.start):
+            if convert is None:
+                rgb_into(frame, buffers["frames"][filled], layout.max_size)
+            else:
+                planes = [buffers[name][filled] for name in variables]
+                _check_frame(frame, layout.pixels, video, index, position)
+                copy_planes(frame, planes)
+                if filled == 0:
+                    _check_conversion(frame, planes, convert, video, index, position)
+            filled += 1
+            if filled == shard or position + 1 == region.stop:
+                if pending is not None:
+                    pending.result()
+                pending = writer.submit(write, start, buffers, filled)
+                start, filled = position + 1, 0
+                if start < region.stop:
+                    buffers = new_buffers(min(shard, region.stop - start))
+        if pending is not None:
+            pending.result()
     store.mark_done(region.index)
     return len(region)
+
+
+def _check_frame(frame: av.VideoFrame, pixels: PixelFormat, video: Location, index: VideoIndex, position: int) -> None:
+    if not same_properties(frame, pixels):
+        raise VideoError(
+            f"frame {position} (t={index.times[position]:.6f} s) is {frame.format.name} {frame.width}x{frame.height} "
+            f"(colour matrix {frame.colorspace}, range {frame.color_range}, interlaced {frame.interlaced_frame}) "
+            f"while the first frame is {pixels.pixel_format} {pixels.width}x{pixels.height} (colour matrix "
+            f"{pixels.colorspace}, range {pixels.color_range}, interlaced {pixels.interlaced}): the video changes "
+            "format midway, which the planes layout cannot store",
+            where=video.url,
+            fix="decode it with frames_layout='rgb' (gmfx decode --frames-layout rgb --overwrite)",
+        )
+
+
+def _check_conversion(
+    frame: av.VideoFrame, planes: list[np.ndarray], convert: PlanesToRgb, video: Location, index: VideoIndex, position: int
+) -> None:
+    expected = frame.to_ndarray(format="rgb24")
+    if not np.array_equal(convert(*[p[None] for p in planes])[0], expected):
+        raise VideoError(
+            f"frame {position} (t={index.times[position]:.6f} s) rebuilt from its planes does not convert to the "
+            "RGB the decoder's frame gives (its chroma siting or colour properties changed midway)",
+            where=video.url,
+            fix="decode it with frames_layout='rgb' (gmfx decode --frames-layout rgb --overwrite)",
+        )
 
 
 def run_decode(
@@ -228,6 +365,7 @@ def run_decode(
     segment_frames: int | None = None,
     max_size: int | None = None,
     compression_level: int = COMPRESSION_LEVEL,
+    frames_layout: Literal["auto", "rgb"] = "auto",
     overwrite: bool = False,
     progress: bool = True,
     storage_options: Mapping[str, Any] | None = None,
@@ -250,6 +388,7 @@ def run_decode(
             segment_frames=segment_frames,
             max_size=max_size,
             compression_level=compression_level,
+            frames_layout=frames_layout,
             overwrite=overwrite,
         )
         for recording in recordings
@@ -260,26 +399,87 @@ def run_decode(
 
 
 def open_frames(location: LocationLike, storage_options: Mapping[str, Any] | None = None) -> xr.Dataset:
-    """Open a complete frames store lazily (``frames`` with ``time`` and ``frame`` coordinates)."""
-    return open_dataset(as_location(location, storage_options), stage=STAGE.name)
+    """Open a complete frames store lazily: ``frames`` ``(time, y, x, rgb)`` uint8 with ``time`` and ``frame``
+    coordinates, whatever its layout (planes are converted to RGB chunk by chunk when read)."""
+    location = as_location(location, storage_options)
+    ds = open_dataset(location, stage=STAGE.name)
+    if frames_layout(ds.attrs, location.url) == "rgb":
+        return ds
+    pixels = PixelFormat.from_attrs(ds.attrs["pixels"])
+    names = [name for name in pixels.plane_names if name in ds]
+    if len(names) != len(pixels.planes):
+        raise StorageError(
+            f"the frames store lacks planes {sorted(set(pixels.plane_names) - set(names))} its pixel format needs",
+            where=location.url,
+            fix="the store is damaged: copy it again, " + _REWRITE,
+        )
+    # the luma plane sets the output's y and x; the other planes' own axes (chroma) are whole in every block
+    indices = ["tyx"] + [f"t{2 * i}{2 * i + 1}" for i in range(1, len(names))]
+    rgb = dask.array.blockwise(
+        _rgb_block, "tyxc", *[a for name, index in zip(names, indices) for a in (ds[name].data, tuple(index))],
+        new_axes={"c": 3}, concatenate=True, dtype=np.uint8, pixels=pixels, meta=np.empty((0, 0, 0, 0), np.uint8),
+    )  # fmt: skip
+    frames = xr.DataArray(rgb, dims=_RGB_DIMS, coords={"time": ds["time"], "frame": ds["frame"]})
+    frames.encoding["chunks"] = (int(ds.attrs["chunk_frames"]), pixels.height, pixels.width, 3)
+    return ds.drop_vars(names).assign(frames=frames)
+
+
+def _rgb_block(*planes: np.ndarray, pixels: PixelFormat) -> np.ndarray:
+    return _converter(pixels)(*planes)
+
+
+@functools.lru_cache(maxsize=8)
+def _converter(pixels: PixelFormat) -> PlanesToRgb:
+    """One converter per pixel format and process (a worker converts many chunks)."""
+    return PlanesToRgb(pixels)
+
+
+class FrameReader:
+    """Reads RGB frames ``[start:stop]`` of a complete frames store on a worker, whatever its layout.
+
+    Planes are read through Zarr and converted on the worker; ``chunk_names(start, stop)`` names the
+    stored objects a read touches, for messages.
+    """
+
+    def __init__(self, location: Location) -> None:
+        group = zarr.open_group(**location.zarr_kwargs(), mode="r", zarr_format=3)
+        layout = frames_layout(dict(group.attrs), location.url)
+        self.pixels = None if layout == "rgb" else PixelFormat.from_attrs(dict(group.attrs)["pixels"])
+        names = ["frames"] if self.pixels is None else list(self.pixels.plane_names)
+        self.arrays = [group[name] for name in names]
+
+    @property
+    def chunks(self) -> tuple[int, ...]:
+        return self.arrays[0].chunks
+
+    def __getitem__(self, time: slice) -> np.ndarray:
+        values = [array[time] for array in self.arrays]
+        return values[0] if self.pixels is None else _converter(self.pixels)(*values)
+
+    def chunk_names(self, start: int, stop: int) -> str:
+        """The stored objects (chunks or shards) that frames ``[start, stop)`` read."""
+        names = []
+        for array in self.arrays:
+            step = array.shards[0] if array.shards else array.chunks[0]
+            zeros = (0,) * (array.ndim - 1)
+            names += [f"{array.basename}/{array.metadata.encode_chunk_key((i, *zeros))}" for i in range(start // step, -(-stop // step))]
+        return ", ".join(names)
 
 
 def _template(
-    times: np.ndarray, width: int, height: int, chunk: int, level: int, attrs: dict
+    times: np.ndarray, layout: _Layout, chunk: int, shard: int, level: int, attrs: dict
 ) -> tuple[xr.Dataset, dict]:
     n = len(times)
-    frames = dask.array.zeros((n, height, width, 3), dtype=np.uint8, chunks=(chunk, height, width, 3))
+    data, encoding = {}, {}
+    for name, shape in layout.variables.items():
+        dims = _RGB_DIMS if name == "frames" else _PLANE_DIMS[name]
+        data[name] = (dims, dask.array.zeros((n, *shape), dtype=np.uint8, chunks=(shard, *shape)))
+        encoding[name] = {"chunks": (chunk, *shape), "shards": (shard, *shape), "compressors": [ZstdCodec(level=level)]}
     template = xr.Dataset(
-        {"frames": (("time", "y", "x", "rgb"), frames)},
-        coords={"time": ("time", times), "frame": ("time", np.arange(n, dtype=np.int64))},
-        attrs=attrs,
+        data, coords={"time": ("time", times), "frame": ("time", np.arange(n, dtype=np.int64))}, attrs=attrs
     )
     template["time"].attrs["units"] = "s"
-    encoding = {
-        "frames": {"chunks": (chunk, height, width, 3), "compressors": [ZstdCodec(level=level)]},
-        "time": {"chunks": (chunk,)},
-        "frame": {"chunks": (chunk,)},
-    }
+    encoding.update({"time": {"chunks": (n,)}, "frame": {"chunks": (n,)}})
     return template, encoding
 
 

@@ -19,7 +19,6 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import xarray as xr
-import zarr
 from distributed import Client
 
 from gmfx._errors import GmfxWarning, ModelError, ParameterError, StorageError, parameter
@@ -30,7 +29,8 @@ from gmfx.dataset import Recording
 from gmfx.models import Backend, Face, get_backend, load_backend
 from gmfx.models._output import pack_faces
 from gmfx.models._tracking import segment_ends, stitch_segments
-from gmfx.storage import Location, LocationLike, RegionStore, as_location, open_dataset, plan_token, store_location
+from gmfx.stages.decode import FrameReader, open_frames
+from gmfx.storage import Location, LocationLike, RegionStore, as_location, plan_token, store_location
 from gmfx.storage._fingerprint import require_chunks, store_fingerprint
 from gmfx.storage._retry import is_transient
 from gmfx.types import STAGES, Region, Task, split_regions
@@ -260,7 +260,7 @@ def reconstruct_region(
     return int(arrays["detected"].any(axis=1).sum())
 
 
-def _read_ahead(frames: zarr.Array, region: Region, batch_size: int, *, where: str) -> Iterator[tuple[int, np.ndarray]]:
+def _read_ahead(frames: FrameReader, region: Region, batch_size: int, *, where: str) -> Iterator[tuple[int, np.ndarray]]:
     """``(start, frames)`` batches of ``region``; the next batch is read (and decompressed) in a
     background thread while the caller works on the current one. A chunk that cannot be decoded (a
     truncated file) raises a :class:`StorageError` naming the store and the chunks."""
@@ -273,11 +273,9 @@ def _read_ahead(frames: zarr.Array, region: Region, batch_size: int, *, where: s
         except Exception as error:  # noqa: BLE001
             if is_transient(error):
                 raise  # the task is retried
-            step = frames.chunks[0]
-            chunks = ", ".join(f"frames/{frames.metadata.encode_chunk_key((i, 0, 0, 0))}" for i in range(start // step, -(-stop // step)))
             raise StorageError(
                 f"frames {start}-{stop - 1} of the decode store cannot be read ({type(error).__name__}: {error})",
-                where=f"{where} (chunks {chunks})",
+                where=f"{where} (chunks {frames.chunk_names(start, stop)})",
                 fix="the store is damaged: rewrite it with gmfx decode --overwrite, or copy it again",
             ) from error
 
@@ -343,7 +341,7 @@ def _warn_if_few_faces(store: RegionStore) -> None:
 
 def _open_frames(location: Location) -> xr.Dataset:
     """The complete frames store at ``location``, checked for the variables and version recon needs."""
-    frames = open_dataset(location, stage="decode")
+    frames = open_frames(location)  # RGB frames whatever the store's layout
     problems = [
         f"{name} (missing)" if name not in frames.variables else f"{name} (dims {frames[name].dims}, expected {dims})"
         for name, dims in _FRAMES_VARIABLES.items()
@@ -374,9 +372,11 @@ def _compatible(written: str, running: str) -> bool:
     return a[0] == b[0] and (a[0] != "0" or a[1:2] == b[1:2])
 
 
-def _frames_array(location: Location) -> zarr.Array:
+def _frames_array(location: Location) -> FrameReader:
     try:
-        return zarr.open_group(**location.zarr_kwargs(), mode="r", zarr_format=3)["frames"]
+        return FrameReader(location)  # RGB frames, converted here from the stored planes
+    except StorageError:
+        raise
     except Exception as error:  # noqa: BLE001
         raise StorageError(
             f"the frames store cannot be read on the worker ({type(error).__name__})",
