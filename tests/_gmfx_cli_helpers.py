@@ -38,7 +38,7 @@ class EchoFileSystem(LocalFileSystem):
         return "echo://" + name
 
     def pipe_file(self, path, value, mode="overwrite", **kwargs):
-        if "/frames/c/" not in path:  # metadata and coordinates are written; frames are not
+        if "_plane/c/" not in path:  # metadata and coordinates are written; frames (their planes) are not
             self.makedirs(self._parent(path), exist_ok=True)
             return super().pipe_file(path, value, mode=mode, **kwargs)
         raise {error}(f"cannot write {{path}} with options {{self.options!r}}")

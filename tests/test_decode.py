@@ -81,9 +81,11 @@ def assert_store_equals_video(location: Location, recording: Recording, *, chunk
         assert chunk == chunk_frames
     kwargs = {} if location.is_local else {"storage_options": dict(location.storage_options)}
     group = zarr.open_group(location.url, mode="r", zarr_format=3, **kwargs)
-    assert group["frames"].chunks == (chunk, *frames.shape[1:])
-    assert group["time"].chunks == group["frame"].chunks == (chunk,)
-    assert "zstd" in type(group["frames"].compressors[0]).__name__.lower()
+    stored = ["frames"] if ds.attrs["frames_layout"] == "rgb" else ["y_plane", "u_plane", "v_plane"]
+    assert sorted(name for name, _ in group.arrays()) == sorted([*stored, "time", "frame"])
+    for name in stored:
+        assert group[name].chunks[0] == chunk and group[name].shards[0] == ds.attrs["shard_frames"]
+        assert "zstd" in type(group[name].compressors[0]).__name__.lower()
 
 
 # -- results equal a plain decode ------------------------------------------------------------------
@@ -169,22 +171,23 @@ def test_task_keys_are_deterministic_and_cover_the_video(dataset, tmp_path):
     assert len({t.key for t in first.tasks}) == first.regions == 4  # 45 frames, 12 a segment
     assert all(t.key.startswith("decode-sub-05_task-gen_run-1-") for t in first.tasks)
     assert sum(t.weight for t in first.tasks) == 45
+    assert first.attrs["shard_frames"] == 12 and first.attrs["frames_layout"] == "planes"
 
 
 def test_resume_decodes_only_the_missing_regions(dataset, tmp_path, monkeypatch):
     recording = next(r for r in recordings(dataset, "gen") if r.subject == "05")
     out = Location(str(tmp_path / "resumed"))
-    real_iter_segment = decode_stage.iter_segment
+    real_iter_decoded = decode_stage.iter_decoded
     decoded_starts: list[int] = []
     failing_start = None
 
-    def counting_iter_segment(video, index, start, stop, **kwargs):
+    def counting_iter_decoded(video, index, start, stop, **kwargs):
         decoded_starts.append(start)
         if start == failing_start:  # fails every time, retries included
             raise OSError("injected failure: disk unplugged")
-        return real_iter_segment(video, index, start, stop, **kwargs)
+        return real_iter_decoded(video, index, start, stop, **kwargs)
 
-    monkeypatch.setattr(decode_stage, "iter_segment", counting_iter_segment)
+    monkeypatch.setattr(decode_stage, "iter_decoded", counting_iter_decoded)
     with Client(processes=False, n_workers=1, threads_per_worker=1, dashboard_address=None) as client:
         failing_start = 36  # the last of 4 regions of 12 frames
         with pytest.raises(Exception, match="injected failure"):
@@ -293,11 +296,12 @@ def test_unwritable_output_is_a_storage_error(dataset, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("width", "height", "frames"), [(640, 360, 64), (1920, 1080, 10), (3840, 2160, 2), (16000, 16000, 1), (64, 48, 64)]
+    ("width", "height", "frames"), [(640, 360, 4), (1920, 1080, 1), (3840, 2160, 1), (64, 48, 325)]
 )
-def test_default_chunk_frames_stay_under_64_mib(width, height, frames):
-    assert default_chunk_frames(width, height) == frames
-    assert frames == 1 or frames * width * height * 3 <= 64 * 2**20
+def test_default_chunk_frames_stay_under_1_5_mb_of_planes(width, height, frames):
+    frame_bytes = width * height * 3 // 2  # yuv420p
+    assert default_chunk_frames(frame_bytes) == frames
+    assert frames == 1 or frames * frame_bytes <= 1_500_000
 
 
 @pytest.mark.parametrize("option", ["chunk_frames", "segment_frames", "max_size"])

@@ -71,11 +71,11 @@ def test_a_deleted_frames_chunk_is_refused_naming_the_store_and_chunk(tmp_path):
     root = Location(str(tmp_path / "bids"))
     recording = _dataset(root)
     out = Location(str(tmp_path / "out"))
-    (frames,) = decode([recording], out, client=None, chunk_frames=4, progress=False)
-    (tmp_path / "out" / "sub-01" / "sub-01_task-x_frames.zarr" / "frames" / "c" / "1" / "0" / "0" / "0").unlink()
+    (frames,) = decode([recording], out, client=None, chunk_frames=4, segment_frames=4, progress=False)
+    (tmp_path / "out" / "sub-01" / "sub-01_task-x_frames.zarr" / "u_plane" / "c" / "1" / "0" / "0").unlink()
     with pytest.raises(StorageError, match="1 chunks of the decode store are missing") as info:
         plan_recon(recording, out, device="cpu")
-    assert frames.url in str(info.value) and "frames/c/1/0/0/0" in str(info.value)
+    assert frames.url in str(info.value) and "u_plane/c/1/0/0" in str(info.value)
     assert "--overwrite" in str(info.value)
 
 
@@ -170,12 +170,12 @@ def test_a_truncated_frames_chunk_names_the_store_and_the_chunk(tmp_path):
 
     recording = _dataset(Location(str(tmp_path / "bids")))
     out = Location(str(tmp_path / "out"))
-    (frames,) = decode([recording], out, client=None, chunk_frames=4, progress=False)
-    chunk = tmp_path / "out" / "sub-01" / "sub-01_task-x_frames.zarr" / "frames" / "c" / "1" / "0" / "0" / "0"
-    chunk.write_bytes(chunk.read_bytes()[:10])
+    (frames,) = decode([recording], out, client=None, chunk_frames=4, segment_frames=4, progress=False)
+    shard = tmp_path / "out" / "sub-01" / "sub-01_task-x_frames.zarr" / "y_plane" / "c" / "1" / "0" / "0"
+    shard.write_bytes(shard.read_bytes()[:10])
     with pytest.raises(StorageError, match="frames 4-7 of the decode store cannot be read") as info:
         recon([recording], out, client=None, model=BrightSquareBackend, device="cpu", segment_frames=4, progress=False)
-    assert frames.url in str(info.value) and "frames/c/1/0/0/0" in str(info.value)
+    assert frames.url in str(info.value) and "y_plane/c/1/0/0" in str(info.value)
     assert not RegionStore(store_location(out, recording, "recon"), "recon").is_complete()
 
 

@@ -55,11 +55,11 @@ def test_secrets_quoted_by_the_driver_reach_no_error_log_or_store(echo, tmp_path
     # the library on a real cluster: the raised error and every worker's log
     with pytest.raises(GmfxError) as info:
         decode(find_recordings(str(study)), out, client=dask_client, progress=False)
-    assert error in str(info.value) and "frames/c/" in str(info.value) and "***" in str(info.value)
+    assert error in str(info.value) and "_plane/c/" in str(info.value) and "***" in str(info.value)
     logs = dask_client.get_worker_logs()
     _no_secrets(str(info.value), repr(info.value.args), *(line for worker in logs.values() for _, line in worker))
     # the command line with --verbose (the local cluster's workers log to the same stderr)
     result = run([gmfx_command(), "decode", str(study), "--out", f"echo://{tmp_path}/cli", "-s", f"secret={SECRET}",
                   "-s", f"token={TOKEN}", "--workers", "1", "--verbose", "--no-progress"], env)  # fmt: skip
-    assert result.returncode == 1 and "frames/c/" in result.stderr
+    assert result.returncode == 1 and "_plane/c/" in result.stderr
     _no_secrets(result.stdout, result.stderr, *_stored_text(tmp_path / "out"), *_stored_text(tmp_path / "cli"))

@@ -125,7 +125,7 @@ def test_each_stage_reruns_exactly_the_missing_region(tmp_path, executed):
     assert RegionStore(stores["recon"], "recon").attrs()["gmfx_regions"] == 10
     # stage -> (region to delete, arrays and the axis their regions run along, expected task body)
     cases = {
-        "decode": (3, {"frames": 0}, "decode"),
+        "decode": (3, {"y_plane": 0, "u_plane": 0, "v_plane": 0}, "decode"),
         "recon": (7, {"v": 0, "mat": 0, "detected": 0, "score": 0}, "recon"),
         "preproc": (1, {"v": 0, "mat": 0, "motion": 0}, "region"),
         "preproc-filtered": (2, {"v": 2}, "block"),  # vertex block 2 of the filtered store
