@@ -4,12 +4,16 @@ Makes a 1,800-frame 640x360 H.264 video (the real clip tests/data/single_face.mp
 backwards, x264 defaults: keyframe every 250 frames, 3 B-frames) in ``benchmarks/_work/``, then times:
 
 * the plain loop: one ``av.open``, every frame ``to_ndarray("rgb24")`` (PyAV's default threading);
-* ``gmfx.stages.decode.decode`` on a local cluster of 1 and of 2 single-threaded worker processes,
-  writing the frames store to a local folder (indexing, planning and finalizing included; the
-  cluster's start-up is not, and a tiny warm-up run loads the libraries in the workers first).
+* ``gmfx.stages.decode.run_decode`` on a local cluster of 1 and of 2 single-threaded worker processes,
+  writing the frames store (the decoder's YUV planes, sharded) to a local folder (indexing, planning
+  and finalizing included; the cluster's start-up is not, and a tiny warm-up run loads the libraries
+  in the workers first); and, with 1 worker, the RGB layout of gmfx before frames store schema 2.
 
-It prints frames per second, the ratio to the plain loop and the stored bytes per frame against the
-source file's. Run: ``python benchmarks/decode.py [--frames N] [--compression-level L] [--repeat R]``.
+It prints frames per second, the ratio to the plain loop (targets: >= 0.7 with 1 worker, >= 1.3 with
+2) and the stored bytes per frame (target: <= 106 kB, half of the RGB layout's 212 kB), and writes
+them with the workers' CPU per frame and the objects an hour of such video makes to
+``benchmarks/results/decode.json``. Run: ``python benchmarks/decode.py [--frames N]
+[--compression-level L] [--repeat R] [--workers 1 2]``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,10 @@ import time
 
 import av
 import dask
+import zarr
 from distributed import Client, LocalCluster
+
+from _common import Report
 
 from gmfx.dataset import find_recordings
 from gmfx.stages.decode import COMPRESSION_LEVEL, run_decode
@@ -54,7 +61,7 @@ def plain_loop(video: pathlib.Path) -> tuple[float, float]:
 
 
 def gmfx_decode(
-    client: Client, recordings, out: pathlib.Path, level: int, segment_frames: int | None
+    client: Client, recordings, out: pathlib.Path, level: int, segment_frames: int | None, layout: str = "auto"
 ) -> tuple[float, float]:
     """Wall seconds of a decode run, and the CPU seconds its workers spent."""
     shutil.rmtree(out, ignore_errors=True)
@@ -62,13 +69,25 @@ def gmfx_decode(
     start = time.perf_counter()
     run_decode(
         recordings, Location(str(out)), client=client, compression_level=level, segment_frames=segment_frames,
-        progress=False,
+        frames_layout=layout, progress=False,
     )
     return time.perf_counter() - start, sum(client.run(time.process_time).values()) - cpu
 
 
 def stored_bytes(out: pathlib.Path) -> int:
-    return sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and "/frames/" in p.as_posix())
+    """Bytes of the stored pixels (planes or RGB frames), without metadata, coordinates and markers."""
+    return sum(
+        p.stat().st_size for p in out.rglob("*")
+        if p.is_file() and any(f"/{name}/c/" in p.as_posix() for name in ("frames", "y_plane", "u_plane", "v_plane"))
+    )  # fmt: skip
+
+
+def objects_per_hour(store: pathlib.Path, fps: float = 30.0) -> float:
+    """Objects an hour of this video makes at ``fps``: a shard a stored variable and a marker a shard."""
+    group = zarr.open_group(str(store), mode="r")
+    arrays = [a for name, a in group.arrays() if name not in ("time", "frame")]
+    shards = 3600 * fps / arrays[0].shards[0]
+    return shards * (len(arrays) + 1)
 
 
 def main() -> None:
@@ -86,6 +105,7 @@ def main() -> None:
         "threshold at 128 kB, so every frame-sized allocation maps fresh pages)",
     )
     args = parser.parse_args()
+    report = Report("decode", args)
 
     WORK.mkdir(exist_ok=True)
     video = make_video(WORK / f"loop_{args.frames}.mp4", args.frames)
@@ -102,37 +122,53 @@ def main() -> None:
     if args.malloc_trim_threshold is not None:
         dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": args.malloc_trim_threshold})
     results = {"plain PyAV loop": min(plain_loop(video) for _ in range(args.repeat))}
+    stored = {}
     for workers in args.workers:
         with LocalCluster(
             n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
         ) as cluster, Client(cluster) as client:
             gmfx_decode(client, warmup, WORK / "warmup_out", args.compression_level, None)
-            out = WORK / f"out_{workers}"
-            results[f"gmfx decode, {workers} worker{'s' * (workers > 1)}"] = min(
-                gmfx_decode(client, recordings, out, args.compression_level, args.segment_frames)
-                for _ in range(args.repeat)
-            )
-    stored_per_frame = stored_bytes(WORK / f"out_{args.workers[0]}") / n
-    for workers in args.workers:
-        shutil.rmtree(WORK / f"out_{workers}")  # hundreds of MB each
+            layouts = ["auto", "rgb"] if workers == args.workers[0] else ["auto"]
+            for layout in layouts:
+                out = WORK / f"out_{workers}_{layout}"
+                name = f"gmfx decode, {workers} worker{'s' * (workers > 1)}" + (", RGB layout" if layout == "rgb" else "")
+                results[name] = min(
+                    gmfx_decode(client, recordings, out, args.compression_level, args.segment_frames, layout)
+                    for _ in range(args.repeat if layout == "auto" else 1)
+                )
+                stored[layout] = stored_bytes(out) / n
+                store = next(out.rglob("*_frames.zarr"))
+                stored[f"{layout} objects"] = objects_per_hour(store)
+                shutil.rmtree(out)  # hundreds of MB
 
     baseline = results["plain PyAV loop"][0]
-    print(f"video: {n} frames 640x360, {source_per_frame / 1e3:.1f} kB/frame in the source file")
     trim = dask.config.get("distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_", None)
-    print(
-        f"zstd level {args.compression_level}, segment frames {args.segment_frames or 'default'}, "
-        f"workers' MALLOC_TRIM_THRESHOLD_ {trim}"
-    )
+    report.note(f"video: {n} frames 640x360, {source_per_frame / 1e3:.1f} kB/frame in the source file; zstd level "
+                f"{args.compression_level}, segment frames {args.segment_frames or 'default'}, workers' "
+                f"MALLOC_TRIM_THRESHOLD_ {trim}")  # fmt: skip
+    targets = {1: 0.7, 2: 1.3}
     for name, (seconds, cpu) in results.items():
-        print(
-            f"{name:<26} {n / seconds:8.0f} frames/s   {baseline / seconds:5.2f}x the plain loop   "
-            f"CPU {cpu / n * 1e3:.2f} ms/frame"
-        )
+        workers = int(name.split(", ")[1].split()[0]) if name.startswith("gmfx") else None
+        target = targets.get(workers) if "RGB" not in name else None
+        if workers is None:
+            report.add(name, n / seconds, "frames/s", cpu_ms_per_frame=cpu / n * 1e3)
+        else:
+            report.add(name, n / seconds, "frames/s", ratio=baseline / seconds, baseline="plain PyAV loop",
+                       target=target, cpu_ms_per_frame=cpu / n * 1e3)  # fmt: skip
+        print(f"{'':42s} CPU {cpu / n * 1e3:.2f} ms/frame")
     raw = 640 * 360 * 3
-    print(
-        f"stored: {stored_per_frame / 1e3:.1f} kB/frame ({raw / stored_per_frame:.2f}x smaller than raw "
-        f"{raw / 1e3:.0f} kB, {stored_per_frame / source_per_frame:.0f}x the source file's)"
-    )
+    report.add("stored bytes per frame (planes)", stored["auto"], "B", ratio=212_000 / stored["auto"],
+               baseline="212 kB (RGB layout measured in the issue)", target=2.0)  # fmt: skip
+    if "rgb" in stored:
+        report.add("stored bytes per frame (RGB layout)", stored["rgb"], "B", ratio=raw / stored["rgb"], baseline="raw RGB")
+    report.add("objects per hour of 30 fps video", stored["auto objects"], "objects", target=None)
+    one = results.get(f"gmfx decode, {args.workers[0]} worker{'s' * (args.workers[0] > 1)}")
+    report.stage_cost("decode", "cpu_s_per_frame", one[1] / n)
+    report.stage_cost("decode", "wall_s_per_frame_one_worker", one[0] / n)
+    report.stage_cost("decode", "stored_bytes_per_frame", stored["auto"])
+    report.stage_cost("decode", "objects_per_hour_30fps", stored["auto objects"])
+    report.stage_cost("decode", "source_bytes_per_frame", source_per_frame)
+    report.write()
 
 
 if __name__ == "__main__":

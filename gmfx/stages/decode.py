@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import posixpath
 import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -71,6 +72,9 @@ from gmfx.storage import (
 )
 from gmfx.storage._fingerprint import relative_name
 from gmfx.storage._frames_schema import FRAMES_SCHEMA, frames_layout, keep_other_schema
+from gmfx.storage._location import redact
+from gmfx.storage._retry import retry_transient
+from gmfx.storage._shards import ShardBuilder, shard_level
 from gmfx.types import STAGES, Region, Task, split_regions
 
 __all__ = [
@@ -283,31 +287,43 @@ def decode_region(
 ) -> int:
     """Decode ``region`` of ``video`` into ``store`` shard by shard; mark it done; return its frame count.
 
-    Each shard is compressed and written in a background thread while the next one decodes; the
-    region is marked done once all of them are in. With planes, every frame must have the format and
-    colour properties of the plan, and the first frame of every shard must convert to the RGB the
-    decoder's own frame gives (a check of the conversion on real pixels, at 1/shard of the cost).
+    Each chunk is compressed in a background thread as soon as its frames are decoded, and each shard is
+    stored in one write once its chunks are in (:class:`~gmfx.storage._shards.ShardBuilder`); the task
+    holds at most two shards of raw pixels. The region is marked done once every shard is in. With
+    planes, every frame must have the format and colour properties of the plan, and the first frame of
+    every shard must convert to the RGB the decoder's own frame gives (a check of the conversion on
+    real pixels, at 1/shard of the cost).
     """
     variables = layout.variables
+    group = zarr.open_group(**store.location.zarr_kwargs(), mode="r", zarr_format=3)
+    arrays = {name: group[name] for name in variables}
+    chunk = arrays[next(iter(variables))].chunks[0]
+    levels = {shard_level(array) for array in arrays.values()}
+    if len(levels) != 1 or None in levels:
+        raise StorageError(
+            f"the frames store's arrays {', '.join(variables)} are not the zstd shards this gmfx writes",
+            where=store.location.url,
+            fix="rewrite the store: gmfx decode --overwrite",
+        )
+    level = levels.pop()
     convert = None if layout.pixels is None else PlanesToRgb(layout.pixels)
-    spare: list[dict[str, np.ndarray]] = []  # shard buffers already written
-    pending: Future | None = None
+    shard_buffers: list[dict[str, np.ndarray]] = []
+    jobs: list[list[Future]] = [[], []]  # the compressions and the write of each buffer set's last shard
 
-    def write(start: int, buffers: dict[str, np.ndarray], filled: int) -> None:
-        store.write_block({name: values[:filled] for name, values in buffers.items()}, offsets={"time": start})
-        spare.append(buffers)
-
-    def new_buffers(frames: int) -> dict[str, np.ndarray]:
-        while spare:
-            buffers = spare.pop()
-            if len(next(iter(buffers.values()))) >= frames:
-                return buffers
-        return {name: np.empty((frames, *shape), np.uint8) for name, shape in variables.items()}
+    def finished(which: int) -> None:
+        for job in jobs[which]:
+            job.result()  # raises what failed in the writer thread
+        jobs[which] = []
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="gmfx-decode-write") as writer:
-        start, filled = region.start, 0
-        buffers = new_buffers(min(shard, region.stop - start))
+        # one thread, in order: a shard's write runs after its chunks are compressed
+        start, filled, which = region.start, 0, 0
         for position, frame in enumerate(iter_decoded(video, index, region.start, region.stop), region.start):
+            if filled == 0:
+                finished(which)  # the previous shard of this buffer set is stored: its buffers are free
+                if len(shard_buffers) == which:
+                    shard_buffers.append({name: np.empty((shard, *shape), np.uint8) for name, shape in variables.items()})
+                buffers, builders = shard_buffers[which], _builders(variables, chunk, shard, level)
             if convert is None:
                 rgb_into(frame, buffers["frames"][filled], layout.max_size)
             else:
@@ -317,17 +333,44 @@ def decode_region(
                 if filled == 0:
                     _check_conversion(frame, planes, convert, video, index, position)
             filled += 1
-            if filled == shard or position + 1 == region.stop:
-                if pending is not None:
-                    pending.result()
-                pending = writer.submit(write, start, buffers, filled)
-                start, filled = position + 1, 0
-                if start < region.stop:
-                    buffers = new_buffers(min(shard, region.stop - start))
-        if pending is not None:
-            pending.result()
+            last = position + 1 == region.stop
+            if filled % chunk == 0 or last:
+                i = (filled - 1) // chunk
+                jobs[which] += [writer.submit(b.add, i, buffers[name][i * chunk : filled]) for name, b in builders.items()]
+            if filled == shard or last:
+                jobs[which].append(writer.submit(_write_shard, store, arrays, builders, start, -(-filled // chunk)))
+                start, filled, which = position + 1, 0, 1 - which
+        finished(0)
+        finished(1)
     store.mark_done(region.index)
     return len(region)
+
+
+def _builders(variables: Mapping[str, tuple[int, ...]], chunk: int, shard: int, level: int) -> dict[str, ShardBuilder]:
+    return {name: ShardBuilder((chunk, *shape), -(-shard // chunk), level) for name, shape in variables.items()}
+
+
+def _write_shard(
+    store: RegionStore, arrays: Mapping[str, zarr.Array], builders: Mapping[str, ShardBuilder], start: int, chunks: int
+) -> None:
+    """Store the shards (one a variable) of ``chunks`` chunks that start at frame ``start``, each in one write."""
+    fs, root = store.location.filesystem()
+    for name, builder in builders.items():
+        array = arrays[name]
+        key = array.metadata.encode_chunk_key((start // array.shards[0],) + (0,) * (array.ndim - 1))
+        path = posixpath.join(root, name, key)
+        data = builder.finish(chunks)
+
+        def put(path: str = path, data: bytes = data) -> None:
+            fs.makedirs(posixpath.dirname(path), exist_ok=True)  # a no-op on object stores
+            fs.pipe_file(path, data)
+
+        retry_transient(
+            put,
+            what=f"writing {name} from time {start} of the decode store",
+            where=store.location.url,
+            redactor=lambda text: redact(text, store.location.storage_options),
+        )
 
 
 def _check_frame(frame: av.VideoFrame, pixels: PixelFormat, video: Location, index: VideoIndex, position: int) -> None:
