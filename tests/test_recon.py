@@ -8,7 +8,7 @@ import xarray as xr
 
 from gmfx import ClusterError, ModelError, StorageError
 from gmfx.dataset import find_recordings
-from gmfx.stages.decode import run_decode
+from gmfx.stages.decode import open_frames, run_decode
 from gmfx.stages.recon import LowDetectionWarning, plan_recon, run_recon, stitch_store
 from gmfx.storage import Location, RegionStore, open_dataset, store_location
 from gmfx.testing._backends import BrightSquareBackend, GpuBrightSquareBackend
@@ -41,7 +41,7 @@ def _dataset(root, video, **kwargs):
 
 def _frames(client, recordings, out):
     run_decode(recordings, out, client=client, chunk_frames=CHUNK, segment_frames=CHUNK, progress=False)
-    return open_dataset(store_location(out, recordings[0], "decode"), stage="decode")
+    return open_frames(store_location(out, recordings[0], "decode"))  # RGB frames, converted from the planes
 
 
 @pytest.fixture(scope="module")

@@ -79,7 +79,8 @@ def store_fingerprint(location: Location, stage: str) -> dict[str, str]:
 
 
 def _chunk_keys(array: zarr.Array) -> list[str]:
-    grid = array.cdata_shape
+    # the stored objects: the grid of shards for a sharded array (its chunks live inside them)
+    grid = tuple(-(-size // step) for size, step in zip(array.shape, array.metadata.chunk_grid.chunk_shape))
     return [array.metadata.encode_chunk_key(coords) for coords in itertools.product(*(range(n) for n in grid))]
 
 
