@@ -23,7 +23,7 @@ RECON = {"device": "cpu", "segment_frames": 24}
 
 
 class FlakyChunks(FlakyFileSystem):
-    """``flakychunks://``: like ``flaky://``, but only writes of chunks of the region data (``frames`` of decode,
+    """``flakychunks://``: like ``flaky://``, but only writes of chunks of the region data (planes of decode,
     ``v`` of recon; zarr v3 keys ``.../c/...``) fail, so that a stage gets past its template (which writes the
     coordinates' chunks) and fails on the data itself."""
 
@@ -38,7 +38,7 @@ class FlakyChunks(FlakyFileSystem):
         return f"flakychunks://{name}"
 
     def pipe_file(self, path, value, mode="overwrite", **kwargs):
-        if not re.search(r"\.zarr/(frames|v)/c/", str(path)):
+        if not re.search(r"\.zarr/(frames|v|[yuva]_plane)/c/", str(path)):
             self.makedirs(self._parent(path), exist_ok=True)
             return super(FlakyFileSystem, self).pipe_file(path, value, mode=mode, **kwargs)
         return super().pipe_file(path, value, mode=mode, **kwargs)
@@ -113,5 +113,5 @@ def test_an_exhausted_retry_budget_names_the_store_and_chunk_and_marks_nothing_c
     message = str(info.value)
     store = store_location(Location(root), recording, stage).url
     assert store in message and "failed 2 times in a row" in message, message
-    assert re.search(rf"{re.escape(store)}/(frames|v)/c/\d", message), message  # the chunk that could not be written
+    assert re.search(rf"{re.escape(store)}/(frames|v|[yuva]_plane)/c/\d", message), message  # the chunk that could not be written
     assert _raw_attrs(root, recording, stage).get("gmfx_complete") is False  # the template is there, not complete
