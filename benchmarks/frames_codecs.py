@@ -7,7 +7,11 @@ prints, per frame: the CPU to turn the decoder's frame into what is stored (RGB 
 the planes), the CPU and wall time to write, the stored bytes and objects, the CPU to read everything
 back, and the bytes read (through an fsspec-level counter) to fetch one frame, as a QC still does.
 
-Every case runs in this one process, so the ratios between cases hold on a loaded machine even where
+Cases: RGB against the decoder's YUV 4:2:0 planes; zstd levels, blosc-lz4 and blosc-zstd; plain
+chunks of a write block against zarr v3 shards of 1, 4 or 8-frame chunks; zarr-python's codec pipeline
+against the ``zarrs`` Rust pipeline (when installed: ``pip install zarrs``; it runs on zarr's
+LocalStore only) and against gmfx's own shard writer (``gmfx.storage._shards.ShardBuilder``, what the
+decode stage uses). Every case runs in this one process, so the ratios between cases hold on a loaded machine even where
 the absolute times do not. Run: ``python benchmarks/frames_codecs.py [--frames N] [--write-frames W]
 [--cases NAME ...]``; ``--cases`` picks cases by name (all by default).
 """
@@ -28,6 +32,8 @@ from zarr.codecs import BloscCodec, ZstdCodec
 
 from _common import Report
 
+from gmfx.storage._shards import ShardBuilder
+
 CLIP = pathlib.Path(__file__).resolve().parent.parent / "tests" / "data" / "single_face.mp4"
 
 
@@ -37,7 +43,7 @@ class Case:
     layout: str  # "rgb" or "yuv420p"
     compressor: object
     inner_frames: int | None = None  # frames per inner chunk when sharded (None: plain chunks of a write block)
-    pipeline: str = "zarr"  # "zarr" (zarr-python's) or "zarrs" (the Rust codec pipeline)
+    pipeline: str = "zarr"  # "zarr" (zarr-python's), "zarrs" (the Rust codec pipeline), "gmfx" (its ShardBuilder)
 
 
 def cases(write_frames: int) -> list[Case]:
@@ -58,6 +64,7 @@ def cases(write_frames: int) -> list[Case]:
         Case("yuv zstd-2 shard inner=4", "yuv420p", ZstdCodec(level=2), inner_frames=4),
         Case("yuv zstd-2 shard inner=8", "yuv420p", ZstdCodec(level=2), inner_frames=8),
         Case("yuv zstd-3 shard inner=4", "yuv420p", ZstdCodec(level=3), inner_frames=4),
+        Case("yuv zstd-2 shard inner=4 [gmfx ShardBuilder]", "yuv420p", ZstdCodec(level=2), inner_frames=4, pipeline="gmfx"),
     ]
     try:
         import zarrs  # noqa: F401
@@ -124,8 +131,11 @@ def run_case(case: Case, frames: list[av.VideoFrame], folder: pathlib.Path, writ
     path = folder / case.name.replace(" ", "_").replace("[", "").replace("]", "")
     shutil.rmtree(path, ignore_errors=True)
     with zarr.config.set({"codec_pipeline.path": "zarrs.ZarrsCodecPipeline" if case.pipeline == "zarrs"
-                          else "zarr.core.codec_pipeline.BatchedCodecPipeline"}):  # fmt: skip
-        store = zarr.storage.FsspecStore.from_url(f"file://{path}", storage_options={"auto_mkdir": True})
+                          else "zarr.core.codec_pipeline.BatchedCodecPipeline", "codec_pipeline.strict": True}):  # fmt: skip
+        # zarrs runs only on zarr's LocalStore (it falls back to zarr's own pipeline behind fsspec), where the
+        # fsspec counter of one frame's read sees nothing
+        store = (zarr.storage.LocalStore(str(path)) if case.pipeline == "zarrs"
+                 else zarr.storage.FsspecStore.from_url(f"file://{path}", storage_options={"auto_mkdir": True}))  # fmt: skip
         group = zarr.open_group(store, mode="w", zarr_format=3)
         arrays = {}
         for name, shape in shapes.items():
@@ -148,6 +158,14 @@ def run_case(case: Case, frames: list[av.VideoFrame], folder: pathlib.Path, writ
             convert_cpu += time.process_time() - cpu
             cpu, wall = time.process_time(), time.perf_counter()
             for name, array in arrays.items():
+                if case.pipeline == "gmfx":  # what the decode stage does: chunks compressed, the shard in one write
+                    builder = ShardBuilder(array.chunks, -(-write_frames // case.inner_frames), case.compressor.level)
+                    for i in range(0, len(block), case.inner_frames):
+                        builder.add(i // case.inner_frames, buffers[name][i : min(i + case.inner_frames, len(block))])
+                    target = path / name / array.metadata.encode_chunk_key((start // write_frames, 0, 0))
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(builder.finish(-(-len(block) // case.inner_frames)))
+                    continue
                 array.with_config({"write_empty_chunks": True})[start : start + len(block)] = buffers[name][: len(block)]
             write_cpu += time.process_time() - cpu
             write_wall += time.perf_counter() - wall
@@ -180,7 +198,7 @@ def main() -> None:
     frames = decoded_frames(args.frames)
     selected = [c for c in cases(args.write_frames) if args.cases is None or c.name in args.cases]
     report.note(f"{args.frames} frames 640x360 from {CLIP.name}, {args.write_frames} frames a write; CPU ms per frame")
-    print(f"{'case':36s} {'to store':>8s} {'write':>7s} {'wall':>7s} {'total':>7s} {'read':>7s} "
+    print(f"{'case':44s} {'to store':>8s} {'write':>7s} {'wall':>7s} {'total':>7s} {'read':>7s} "
           f"{'kB/frame':>9s} {'objects':>8s} {'1-frame read kB':>16s}")  # fmt: skip
     baseline = None
     with tempfile.TemporaryDirectory(prefix="gmfx-codecs-") as folder:
@@ -188,7 +206,7 @@ def main() -> None:
             r = run_case(case, frames, pathlib.Path(folder), args.write_frames)
             total = r["convert_ms"] + r["write_ms"]
             baseline = baseline or total
-            print(f"{case.name:36s} {r['convert_ms']:8.2f} {r['write_ms']:7.2f} {r['write_wall_ms']:7.2f} {total:7.2f} "
+            print(f"{case.name:44s} {r['convert_ms']:8.2f} {r['write_ms']:7.2f} {r['write_wall_ms']:7.2f} {total:7.2f} "
                   f"{r['read_ms']:7.2f} {r['kb_per_frame']:9.1f} {r['objects']:8d} {r['one_frame_read_kb']:16.1f}")  # fmt: skip
             report.add(case.name, total, "CPU ms/frame to store", ratio=baseline / total, baseline=selected[0].name,
                        echo=False, **r)  # fmt: skip
