@@ -101,6 +101,23 @@ def test_every_video_reads_back_as_its_plain_pyav_decode(videos, tmp_path):
         np.testing.assert_array_equal(reader[slice(3, len(expected))], expected[3:], err_msg=name)
 
 
+def test_threads_reading_at_once_each_get_their_own_frames(data_dir, tmp_path):
+    """Dask's threads and recon's read-ahead convert chunks at the same time: each gets its own frames."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = Location(str(tmp_path / "bids"))
+    write_bids_recording(root, subject="01", task="x", video=data_dir / "single_face.mp4")
+    (store,) = run_decode(find_recordings(root), Location(str(tmp_path / "out")), client=None, segment_frames=8, progress=False)
+    expected = plain_decode(find_recordings(root)[0].video.url)
+    starts = [(7 * i) % 64 for i in range(32)]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda s: FrameReader(store)[slice(s, s + 8)], starts))
+    for start, frames in zip(starts, got):
+        np.testing.assert_array_equal(frames, expected[start : start + 8])
+    with dask.config.set(scheduler="threads", num_workers=4):
+        np.testing.assert_array_equal(open_frames(store)["frames"].values, expected)
+
+
 def test_planes_cost_half_the_bytes_of_rgb(data_dir, tmp_path):
     root = Location(str(tmp_path / "bids"))
     write_bids_recording(root, subject="01", task="x", video=data_dir / "single_face.mp4")

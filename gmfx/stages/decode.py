@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import posixpath
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -471,10 +472,16 @@ def _rgb_block(*planes: np.ndarray, pixels: PixelFormat) -> np.ndarray:
     return _converter(pixels)(*planes)
 
 
-@functools.lru_cache(maxsize=8)
+_converters = threading.local()
+
+
 def _converter(pixels: PixelFormat) -> PlanesToRgb:
-    """One converter per pixel format and process (a worker converts many chunks)."""
-    return PlanesToRgb(pixels)
+    """One converter per pixel format and thread: a worker converts many chunks, and a converter's
+    rawvideo decoder must never serve two threads at once (it would hand one thread another's frame)."""
+    cache = _converters.__dict__.setdefault("by_format", {})
+    if pixels not in cache:
+        cache[pixels] = PlanesToRgb(pixels)
+    return cache[pixels]
 
 
 class FrameReader:
