@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -262,14 +262,11 @@ def iter_segment(
     batch: int,
     max_size: int | None = None,
     threads: int = 0,
-    allocate: Callable[[tuple[int, ...]], np.ndarray] | None = None,
 ) -> Iterator[np.ndarray]:
     """Decode frames ``[start, stop)`` as RGB uint8 arrays of ``batch`` frames ``(n, H, W, 3)``.
 
     The last batch may be shorter. Frames are shrunk to ``max_size`` on their longest side (area
     interpolation) when given. ``threads`` sets the decoder's threads (0: as many as cores).
-    ``allocate(shape)`` gives the uint8 array each batch is decoded into (default: a new one); a
-    caller can recycle the arrays it has finished with, which spares the page faults of fresh memory.
 
     Raises
     ------
@@ -279,8 +276,7 @@ def iter_segment(
     if not 0 <= start < stop <= index.n_frames or batch < 1:
         raise ValueError(f"bad segment [{start}, {stop}) of {index.n_frames} frames (batch {batch})")
     width, height = output_size(index.width, index.height, max_size)
-    allocate = allocate or (lambda shape: np.empty(shape, np.uint8))
-    buffer = allocate((min(batch, stop - start), height, width, 3))
+    buffer = np.empty((min(batch, stop - start), height, width, 3), np.uint8)
     filled, position = 0, start
     for frame in iter_decoded(location, index, start, stop, threads=threads):
         rgb_into(frame, buffer[filled], max_size)
@@ -289,7 +285,7 @@ def iter_segment(
         if filled == len(buffer):
             yield buffer
             if position < stop:
-                buffer = allocate((min(batch, stop - position), height, width, 3))
+                buffer = np.empty((min(batch, stop - position), height, width, 3), np.uint8)
                 filled = 0
 
 
