@@ -4,6 +4,7 @@
   shapes, dtypes and 1-based ids of Deep3DFaceRecon's ``transferBFM09``), on a valid face-shaped mesh;
 * :func:`write_bfm_lm3d`: Deep3DFaceRecon's ``similarity_Lm3D_all.mat`` (the 68 mean 3D landmarks);
 * :func:`write_bfm09_sources`: the original BFM 2009 + expression files a front model is converted from;
+* :func:`write_deep3d_checkpoint`: Deep3DFaceRecon's ``epoch_20.pth``; :func:`write_deep3d_model_dir`: all of them;
 * :func:`bfm_mesh`: the mesh behind them (a Delaunay triangulation of a disc bent into a face).
 """
 
@@ -13,7 +14,17 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["BFM_FACES", "BFM_VERTICES", "bfm_mesh", "face_landmark_layout", "write_bfm09_sources", "write_bfm_lm3d", "write_bfm_model"]
+__all__ = [
+    "BFM_FACES",
+    "BFM_VERTICES",
+    "bfm_mesh",
+    "face_landmark_layout",
+    "write_bfm09_sources",
+    "write_bfm_lm3d",
+    "write_bfm_model",
+    "write_deep3d_checkpoint",
+    "write_deep3d_model_dir",
+]
 
 #: the front model's size: 35709 vertices, 70789 triangles, 8 triangles per vertex in ``point_buf``
 BFM_VERTICES, BFM_FACES, POINT_BUF_WIDTH = 35709, 70789, 8
@@ -206,3 +217,43 @@ def write_bfm09_sources(folder: str | Path, front_model: str | Path, *, n_exp_mo
     info["frontmask2"] = front["skinmask"]  # the original also holds this key, which the conversion drops
     scipy.io.savemat(folder / "facemodel_info.mat", info)
     return folder
+
+
+def write_deep3d_checkpoint(path: str | Path, *, coefficients: np.ndarray | None = None, head_scale: float = 0.0, seed: int = 0) -> Path:
+    """Write Deep3DFaceRecon's ``epoch_20.pth``: ``torch.save`` of ``{'net_recon': state dict, 'opt_00',
+    'sched_00'}``, the network a torchvision-layout ResNet-50 (``backbone.*``, no ``fc``) with seven 1x1
+    heads (``final_layers.0..6``: 80, 64, 80, 3, 27, 2, 1 outputs). Random backbone; the heads' weights
+    are ``head_scale`` x N(0, 1/2048) (0: zero, as initialised upstream) and their biases
+    ``coefficients`` (257; default zero), so the network predicts ``coefficients`` for any image
+    when ``head_scale`` is 0 (~95 MB)."""
+    import torch
+
+    from gmfx.models.deep3d import ReconNet
+    from gmfx.testing._model_files import _random_state
+
+    rng = np.random.default_rng(seed)
+    state = _random_state(ReconNet(), rng, scale=1.0)
+    bias = np.zeros(257) if coefficients is None else np.asarray(coefficients, np.float64).reshape(257)
+    start = 0
+    for index, size in enumerate((80, 64, 80, 3, 27, 2, 1)):
+        weight = rng.normal(scale=head_scale / np.sqrt(2048), size=(size, 2048, 1, 1))
+        state[f"final_layers.{index}.weight"] = torch.from_numpy(weight.astype(np.float32))
+        state[f"final_layers.{index}.bias"] = torch.from_numpy(bias[start : start + size].astype(np.float32))
+        start += size
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"net_recon": state, "opt_00": {"state": {}, "param_groups": []}, "sched_00": {"last_epoch": 20}}, path)
+    return path
+
+
+def write_deep3d_model_dir(root: str | Path, *, n_vertices: int = 1500, n_faces: int | None = None, coefficients: np.ndarray | None = None,
+                           head_scale: float = 0.0, seed: int = 0) -> Path:  # fmt: skip
+    """A model directory for ``--model deep3d`` (and ``bfm-fit``): ``BFM/BFM_model_front.mat`` (small by
+    default), ``BFM/similarity_Lm3D_all.mat`` and ``Deep3DFaceRecon/face_recon_feat0.2_augment/epoch_20.pth``."""
+    root = Path(root)
+    (root / "BFM").mkdir(parents=True, exist_ok=True)
+    model = write_bfm_model(root / "BFM" / "BFM_model_front.mat", n_vertices=n_vertices, n_faces=n_faces, seed=seed)
+    write_bfm_lm3d(root / "BFM" / "similarity_Lm3D_all.mat", model)
+    write_deep3d_checkpoint(root / "Deep3DFaceRecon" / "face_recon_feat0.2_augment" / "epoch_20.pth",
+                            coefficients=coefficients, head_scale=head_scale, seed=seed)  # fmt: skip
+    return root
