@@ -30,7 +30,7 @@ from gmfx.models.deep3d import (
 from gmfx.stages.decode import run_decode
 from gmfx.stages.recon import run_recon
 from gmfx.storage import Location, open_dataset
-from gmfx.testing._bfm_files import write_deep3d_checkpoint, write_deep3d_model_dir
+from gmfx.testing._bfm_files import write_deep3d_model_dir
 from gmfx.testing._videos import write_bids_recording
 
 #: what the generated network predicts for every image: a face turned a little, with an expression
@@ -77,11 +77,11 @@ def test_recon_net_has_the_official_key_layout_and_zero_heads():
         assert torch.equal(network.eval()(torch.rand(2, 3, 224, 224)), torch.zeros(2, 257))  # zero-initialised heads
 
 
-def test_generated_checkpoint_loads_strictly_and_predicts_its_biases(tmp_path):
-    path = write_deep3d_checkpoint(tmp_path / "Deep3DFaceRecon" / "epoch_20.pth", coefficients=COEFFICIENTS)
+def test_generated_checkpoint_loads_strictly_and_predicts_its_biases(model_root, tmp_path):
+    path = model_root / "Deep3DFaceRecon" / "face_recon_feat0.2_augment" / "epoch_20.pth"
     content = torch.load(path, weights_only=True)
     assert set(content) == {"net_recon", "opt_00", "sched_00"}
-    network = load_recon_net(Location(str(tmp_path))).eval()
+    network = load_recon_net(Location(str(model_root))).eval()
     with torch.inference_mode():
         out = network(torch.rand(1, 3, 224, 224))
     np.testing.assert_allclose(out[0].numpy(), COEFFICIENTS, atol=1e-7)
@@ -92,7 +92,9 @@ def test_generated_checkpoint_loads_strictly_and_predicts_its_biases(tmp_path):
     del state["backbone.fc.weight"], state["final_layers.6.bias"]
     with pytest.raises(ModelError, match=r"missing keys final_layers\.6\.bias"):
         load_strict(ReconNet(), state, where=str(path))
-    torch.save({"model": {}}, path)
+    other = tmp_path / "Deep3DFaceRecon" / "epoch_20.pth"
+    other.parent.mkdir(parents=True)
+    torch.save({"model": {}}, other)
     with pytest.raises(ModelError, match=r"lacks 'net_recon' \(it holds \['model'\]\)"):
         load_recon_net(Location(str(tmp_path)))
 
@@ -233,9 +235,11 @@ def test_deep3d_recon_end_to_end_on_s3_lazy_vertices_and_resume(dask_client, mod
     assert ds.attrs["topology"] == "bfm-front-1200" and ds.attrs["model_dir"] == str(model_root)
     assert ds["detected"].values.all()  # MediaPipe finds the real face in every frame
     np.testing.assert_allclose(ds["code_trans"].values[:, 0], np.tile(COEFFICIENTS[254:], (N_FRAMES, 1)), atol=1e-6)
-    # the mesh lies on the face MediaPipe found: its keypoints' centre within the frame, near the face box
-    centre = ds["landmarks"].values[:, 0, :, :2].mean(axis=1)
-    assert np.all((centre > 0) & (centre < [ds.attrs.get("width", 10_000), 10_000]))
+    # upright on the real face: eyes above the nose above the mouth, the image's left eye on the left
+    points = ds["landmarks"].values[:, 0, :, :2]
+    eyes, nose, mouth = points[:, [36, 39, 42, 45]], points[:, 30], points[:, [48, 54]]
+    assert np.all((eyes[..., 1].max(axis=1) < nose[:, 1]) & (nose[:, 1] < mouth[..., 1].min(axis=1)))
+    assert np.all((eyes[:, 1, 0] < eyes[:, 2, 0]) & (mouth[:, 0, 0] < nose[:, 0]) & (nose[:, 0] < mouth[:, 1, 0]))
     derived = bfm_vertices(ds)
     assert derived.chunks[0] == (SEGMENT, SEGMENT)  # lazy, one task per stored time chunk
     np.testing.assert_allclose(derived.values, ds["v"].values, atol=2e-3)
