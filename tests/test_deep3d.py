@@ -3,6 +3,8 @@ the 5-point alignment and the camera against hand computations of Deep3D's publi
 overlay of the projected keypoints on the input landmarks, and the recon stage end to end (S3, lazy
 vertices, resume) on a real clip."""
 
+import os
+
 import av
 import numpy as np
 import pytest
@@ -227,7 +229,17 @@ def test_deep3d_recon_end_to_end_on_s3_lazy_vertices_and_resume(dask_client, mod
         return run_recon(recordings, out, client=dask_client, model="deep3d", device="cpu", segment_frames=SEGMENT,
                          model_options=options, save_vertices=True, progress=False)  # fmt: skip
 
-    [location] = run()
+    def set_worker_model_dir(value):  # the shared workers may carry another model's folder (DECA adopts its own)
+        previous = os.environ.get(MODEL_DIR_ENV)
+        os.environ.pop(MODEL_DIR_ENV, None) if value is None else os.environ.__setitem__(MODEL_DIR_ENV, value)
+        return previous
+
+    previous = dask_client.run(set_worker_model_dir, str(tmp_path / "elsewhere"))
+    try:
+        [location] = run()
+    finally:
+        for worker, value in previous.items():
+            dask_client.run(set_worker_model_dir, value, workers=[worker])
     assert location.url.startswith("s3://")
     ds = open_dataset(location, stage="recon")
     assert {f"code_{name}" for name in (*BFM_CODES, "crop")} | {"v", "mat", "landmarks"} <= set(ds.data_vars)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import threading
 from collections.abc import Mapping
 from functools import lru_cache
@@ -46,7 +45,7 @@ from gmfx.models._base import Backend, Face, Outputs, Topology
 from gmfx.models._bfm import BFM_CODES, BFM_FILE, BfmLayer, BfmModel, euler_rotation, load_bfm, split_coefficients
 from gmfx.models._crops import crop_to_image, warp_crops
 from gmfx.models._detect import make_detector
-from gmfx.models._files import MODEL_DIR_ENV, ModelFile, read_model_file
+from gmfx.models._files import ModelFile, read_model_file
 from gmfx.models._files import model_dir as resolve_model_dir
 from gmfx.models._pickle import load_torch
 from gmfx.models._resnet import ResNet50, load_strict
@@ -335,9 +334,13 @@ class Deep3dBackend(Backend):
         self.detector = make_detector(detector, device, min_detection_confidence)  # type: ignore[arg-type]
         self._lock = threading.Lock()
 
+    #: the model directory this process last loaded the model from: the workers' topology comes from the
+    #: same BFM file even when their ``$GMFX_MODEL_DIR`` names another folder (e.g. one a FLAME model adopted)
+    _loaded_from: ClassVar[Location | None] = None
+
     @classmethod
     def topology(cls) -> Topology:
-        return bfm_topology()
+        return bfm_topology(cls._loaded_from)
 
     @classmethod
     def vertices(cls, ds: Any) -> Any:
@@ -373,7 +376,6 @@ class Deep3dBackend(Backend):
 
         checked = cls._check_options(**options)
         root = resolve_model_dir(checked.pop("model_dir"))
-        os.environ.setdefault(MODEL_DIR_ENV, root.url)  # the topology is read from the same files
         data, where = read_model_file(root, LM3D_FILE)
         try:
             lm3d = np.asarray(scipy.io.loadmat(io.BytesIO(data))["lm"], np.float64)
@@ -386,7 +388,9 @@ class Deep3dBackend(Backend):
         if bfm.sizes != {"id": 80, "exp": 64, "tex": 80}:
             raise ModelError(f"the BFM file has {bfm.sizes} components; Deep3D needs 80 id, 64 exp and 80 tex",
                              where=root.url, fix="use the BFM_model_front.mat of transferBFM09 (or `gmfx models import-bfm`)")  # fmt: skip
-        return cls(load_recon_net(root), bfm, five_points(lm3d), device, **checked)
+        model = cls(load_recon_net(root), bfm, five_points(lm3d), device, **checked)
+        Deep3dBackend._loaded_from = root
+        return model
 
     def reset(self) -> None:
         self.detector.reset()
