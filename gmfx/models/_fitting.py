@@ -215,6 +215,7 @@ def frame_losses(
     photometric: bool,
     renderer: Renderer | None = None,
     skin: torch.Tensor | None = None,
+    chain: bool = True,
     previous: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Every term of :data:`LOSS_TERMS` but ``landmark_px``, per frame ``(B,)`` (unweighted except
@@ -232,7 +233,7 @@ def frame_losses(
         terms["photometric"] = terms["reflectance"] = zero
     squares = {name: (params[name] ** 2).sum(-1).expand(n) for name in ("id", "exp", "tex")}
     terms["regulariser"] = options.id_weight * squares["id"] + options.exp_weight * squares["exp"] + options.tex_weight * squares["tex"]
-    terms["pose"] = pose_loss(params["angle"], params["trans"], previous, options)
+    terms["pose"] = pose_loss(params["angle"], params["trans"], previous, options) if chain else zero
     terms["total"] = (
         options.landmark_weight * terms["landmark"]
         + options.photometric_weight * terms["photometric"]
@@ -255,6 +256,7 @@ def run_stage(
     photometric: bool,
     renderer: Renderer | None = None,
     skin: torch.Tensor | None = None,
+    chain: bool = True,
     previous: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """``iterations`` Adam steps on the ``free`` entries of ``params`` (updated in place), minimising
@@ -267,17 +269,18 @@ def run_stage(
     for _ in range(iterations):
         optimiser.zero_grad(set_to_none=True)
         current = {**params, **leaves}
-        total = frame_losses(decoder(current, photometric), current, targets, options, photometric=photometric, renderer=renderer, skin=skin, previous=previous)["total"]
+        total = frame_losses(decoder(current, photometric), current, targets, options, photometric=photometric, renderer=renderer, skin=skin,
+                             chain=chain, previous=previous)["total"]
         total.mean().backward()
         optimiser.step()
     for name, leaf in leaves.items():
         params[name] = leaf.detach()
 
 
-def initial_params(n: int, *, identity: Mapping[str, torch.Tensor] | None = None, device: torch.device | str = "cpu",
-                   dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Zero coefficients for ``n`` frames; ``id`` and ``tex`` are ``(1, k)`` (shared) or ``identity``'s."""
-    params = {name: torch.zeros((1 if name in IDENTITY_CODES else n, size), device=device, dtype=dtype) for name, size in CODE_SIZES.items()}
+def initial_params(n: int, *, sizes: Mapping[str, int] = CODE_SIZES, identity: Mapping[str, torch.Tensor] | None = None,
+                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Zero coefficients (``sizes``) for ``n`` frames; ``id`` and ``tex`` are ``(1, k)`` (shared) or ``identity``'s."""
+    params = {name: torch.zeros((1 if name in IDENTITY_CODES else n, size), device=device, dtype=dtype) for name, size in sizes.items()}
     for name, value in (identity or {}).items():
         params[name] = torch.as_tensor(value, dtype=dtype, device=device).reshape(1, -1)
     return params
@@ -285,29 +288,31 @@ def initial_params(n: int, *, identity: Mapping[str, torch.Tensor] | None = None
 
 def _schedule(decoder: Decoder, params: dict[str, torch.Tensor], targets: Targets, options: FitOptions, *, rigid: int, nonrigid: int,
               nonrigid_free: tuple[str, ...], renderer: Renderer | None, skin: torch.Tensor | None,
-              previous: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+              chain: bool, previous: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, torch.Tensor]:
     """Rigid stage (landmarks, pose), then the non-rigid one; the final per-frame losses."""
     photometric = options.photometric and renderer is not None
-    run_stage(decoder, params, ("angle", "trans"), targets, options, iterations=rigid, lr=options.rigid_lr, photometric=False, previous=previous)
+    run_stage(decoder, params, ("angle", "trans"), targets, options, iterations=rigid, lr=options.rigid_lr, photometric=False,
+              chain=chain, previous=previous)
     run_stage(decoder, params, nonrigid_free, targets, options, iterations=nonrigid, lr=options.nonrigid_lr, photometric=photometric,
-              renderer=renderer, skin=skin, previous=previous)
+              renderer=renderer, skin=skin, chain=chain, previous=previous)
     with torch.no_grad():
-        return frame_losses(decoder(params, photometric), params, targets, options, photometric=photometric, renderer=renderer, skin=skin, previous=previous)
+        return frame_losses(decoder(params, photometric), params, targets, options, photometric=photometric, renderer=renderer, skin=skin,
+                            chain=chain, previous=previous)
 
 
-def fit_identity(decoder: Decoder, targets: Targets, options: FitOptions, *, renderer: Renderer | None = None,
-                 skin: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def fit_identity(decoder: Decoder, targets: Targets, options: FitOptions, *, sizes: Mapping[str, int] = CODE_SIZES,
+                 renderer: Renderer | None = None, skin: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """One ``id`` and ``tex`` shared by the ``B`` frames of ``targets`` (and per-frame ``exp``, pose,
     ``gamma``), with the full schedule; returns the coefficients and the per-frame losses."""
     n = targets.landmarks.shape[0]
-    params = initial_params(n, device=targets.landmarks.device)
+    params = initial_params(n, sizes=sizes, device=targets.landmarks.device)
     losses = _schedule(decoder, params, targets, options, rigid=options.first_rigid_iterations, nonrigid=options.first_nonrigid_iterations,
-                       nonrigid_free=tuple(CODE_SIZES), renderer=renderer, skin=skin, previous=None)
+                       nonrigid_free=tuple(sizes), renderer=renderer, skin=skin, chain=False, previous=None)
     return params, losses
 
 
 def fit_video(decoder: Decoder, targets: Targets, identity: Mapping[str, torch.Tensor], options: FitOptions, *,
-              start: Mapping[str, torch.Tensor] | None = None, renderer: Renderer | None = None,
+              sizes: Mapping[str, int] = CODE_SIZES, start: Mapping[str, torch.Tensor] | None = None, renderer: Renderer | None = None,
               skin: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Per-frame ``exp``, ``angle``, ``gamma``, ``trans`` of ``B`` consecutive frames of one face, with
     ``identity`` (``id``, ``tex``) fixed.
@@ -322,20 +327,21 @@ def fit_video(decoder: Decoder, targets: Targets, identity: Mapping[str, torch.T
     pieces: list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
     first = 0
     if start is None:
-        params = initial_params(1, identity=identity, device=device)
+        params = initial_params(1, sizes=sizes, identity=identity, device=device)
         losses = _schedule(decoder, params, targets.select(slice(0, 1)), options, rigid=options.first_rigid_iterations,
-                           nonrigid=options.first_nonrigid_iterations, nonrigid_free=FRAME_CODES, renderer=renderer, skin=skin, previous=None)
+                           nonrigid=options.first_nonrigid_iterations, nonrigid_free=FRAME_CODES, renderer=renderer, skin=skin, chain=True,
+                           previous=None)
         pieces.append((params, losses))
         start = {name: params[name] for name in FRAME_CODES}
         first = 1
     if first < n:
         rest = targets.select(slice(first, n))
-        params = initial_params(n - first, identity=identity, device=device)
+        params = initial_params(n - first, sizes=sizes, identity=identity, device=device)
         for name in FRAME_CODES:
             params[name] = torch.as_tensor(start[name]).to(device).reshape(1, -1).expand(n - first, -1).clone()
         previous = (torch.as_tensor(start["angle"]).reshape(1, 3), torch.as_tensor(start["trans"]).reshape(1, 3))
         losses = _schedule(decoder, params, rest, options, rigid=options.rigid_iterations, nonrigid=options.nonrigid_iterations,
-                           nonrigid_free=FRAME_CODES, renderer=renderer, skin=skin, previous=previous)
+                           nonrigid_free=FRAME_CODES, renderer=renderer, skin=skin, chain=True, previous=previous)
         pieces.append((params, losses))
     params = {name: torch.cat([p[name] for p, _ in pieces]) for name in FRAME_CODES}
     params.update({name: pieces[0][0][name] for name in IDENTITY_CODES})

@@ -41,10 +41,10 @@ import numpy as np
 import torch
 
 from gmfx._errors import ModelError
-from gmfx.models._base import Backend, Face, Identity, Outputs, Topology
-from gmfx.models._bfm import BFM_FILE, BfmLayer, load_bfm_model
+from gmfx.models._base import Backend, Face, Outputs, Topology
+from gmfx.models._bfm import BfmLayer, read_bfm
 from gmfx.models._crops import box_from_landmarks, square_crop, warp_crops
-from gmfx.models._files import ModelFile
+from gmfx.models._files import ModelFile, read_model_file
 from gmfx.models._files import model_dir as resolve_model_dir
 from gmfx.models._fitting import CODE_SIZES, FRAME_CODES, IDENTITY_CODES, LOSS_TERMS, Decoded, FitOptions, Renderer, Targets, fit_identity, fit_video
 from gmfx.models._landmarks68 import Landmarks68, LandmarkSource, resolve_landmark_source
@@ -52,6 +52,13 @@ from gmfx.storage import Location
 
 __all__ = ["CROP_SCALE", "CROP_SIZE", "BfmFitBackend", "bfm_fit_vertices", "frame_space"]
 
+BFM_FILE = ModelFile(
+    "bfm",
+    ("BFM/BFM_model_front.mat", "BFM/BFM09_model_info.mat"),
+    "Basel Face Model (front, with expressions)",
+    "register at https://faces.dmi.unibas.ch/bfm/main.php?nav=1-2&id=downloads for BFM 2009 (01_MorphableModel.mat), get "
+    "Exp_Pca.bin (Guo et al., 3DFace), and convert them as Deep3DFaceRecon_pytorch does into BFM/BFM_model_front.mat",
+)
 CROP_SIZE = 224
 #: crop side / DECA's landmark box: the 68 points then span ~150 of 224 px, as BFM's do at trans = 0
 CROP_SCALE = 1.35
@@ -139,7 +146,8 @@ def frame_space(layer: BfmLayer, codes: Mapping[str, torch.Tensor], crop: np.nda
 
 @lru_cache(maxsize=4)
 def _layer(url: str, storage_options: str) -> BfmLayer:
-    return BfmLayer(load_bfm_model(Location(url, json.loads(storage_options))))
+    data, where = read_model_file(Location(url, json.loads(storage_options)), BFM_FILE)
+    return BfmLayer(read_bfm(data, where=where))
 
 
 def _layer_of(root: Location) -> BfmLayer:
