@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from gmfx._errors import ModelError
-from gmfx.models._base import Backend, Face, Outputs, Topology
+from gmfx.models._base import Backend, Face, Identity, Outputs, Topology
 from gmfx.models._bfm import BfmLayer, read_bfm
 from gmfx.models._crops import box_from_landmarks, square_crop, warp_crops
 from gmfx.models._files import ModelFile, read_model_file
@@ -225,6 +225,7 @@ class BfmFitBackend(Backend):
     outputs = Outputs(codes=dict(STORED_CODES), n_landmarks=68)
     identity: ClassVar[Mapping[str, int]] = {name: CODE_SIZES[name] for name in IDENTITY_CODES}
     identity_frames: ClassVar[int] = 32
+    identity_signature: ClassVar[int] = 2 * 68
     model_files: ClassVar[tuple[ModelFile, ...]] = (BFM_FILE,)
     derives_vertices = True
 
