@@ -143,3 +143,112 @@ def test_video_fit_shares_identity_and_warm_starts(layer):
     cold, _ = fit_video(decode, targets.select(slice(4, 8)), identity, still, sizes=SIZES)
     np.testing.assert_array_equal(warm["angle"], start["angle"].expand(4, -1))
     assert _geometry_error(layer, warm, later)[0] * 2 < _geometry_error(layer, cold, later)[0]
+
+
+# -- the backend on real frames ---------------------------------------------------------------------
+N_FRAMES, SEGMENT = 6, 3
+#: a few iterations: these tests check the plumbing, the recovery tests above the fitting
+QUICK = {"first_rigid_iterations": 60, "first_nonrigid_iterations": 4, "rigid_iterations": 8, "nonrigid_iterations": 3}
+
+
+@pytest.fixture(scope="module")
+def model_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    (root / "BFM").mkdir()
+    write_bfm_model(root / "BFM" / "BFM_model_front.mat", n_vertices=1500, n_faces=None)  # 80 / 64 / 80 components
+    return root
+
+
+@pytest.fixture(scope="module")
+def clip_frames(data_dir):
+    import av
+
+    with av.open(str(data_dir / "single_face.mp4")) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for _, f in zip(range(N_FRAMES), container.decode(video=0))])
+
+
+def test_frames_without_a_face_give_no_face_and_the_fit_goes_on(model_root, clip_frames, data_dir):
+    """Frames of a faceless video between real ones: no face there (the stage writes NaN rows), the
+    fit of the others is unaffected, and an identity pass over faceless frames finds nobody."""
+    import av
+
+    from gmfx.models.bfm_fit import BfmFitBackend
+
+    with av.open(str(data_dir / "no_face.mp4")) as container:
+        empty = np.stack([f.to_ndarray(format="rgb24")[:360, :640] for _, f in zip(range(2), container.decode(video=0))])
+    backend = BfmFitBackend.load("cpu", model_dir=str(model_root), landmarks="mediapipe", **QUICK)
+    assert backend.estimate_identity(empty, max_faces=1) == []
+    [identity] = backend.estimate_identity(clip_frames[:3], max_faces=1)
+    assert set(identity.codes) == {"id", "tex"} and identity.codes["id"].shape == (80,)
+    mixed = np.concatenate([clip_frames[:2], empty, clip_frames[2:4]])
+    backend.reset()
+    found = backend.reconstruct(mixed, max_faces=1, identities=[identity])
+    assert [len(faces) for faces in found] == [1, 1, 0, 0, 1, 1]
+    for faces in (found[0], found[1], found[4], found[5]):
+        face = faces[0]
+        assert face.identity == 0 and np.isfinite(face.vertices).all() and face.landmarks.shape == (68, 3)
+        assert set(face.codes) == {"exp", "angle", "gamma", "trans", "crop", "fit_loss"}
+        assert face.codes["fit_loss"][0] < 25  # RMS landmark distance in pixels of the 640 x 360 frame, after a few iterations
+
+
+@pytest.fixture(scope="module")
+def short_clip(clip_frames, tmp_path_factory):
+    import av
+
+    path = tmp_path_factory.mktemp("clip") / "clip.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=30, options={"crf": "18"})
+        stream.width, stream.height, stream.pix_fmt = clip_frames.shape[2], clip_frames.shape[1], "yuv420p"
+        for frame in clip_frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+@pytest.mark.slow
+def test_bfm_fit_end_to_end_on_s3_lazy_vertices_and_resume(dask_client, model_root, short_clip, tmp_path, s3_root, monkeypatch):
+    """decode -> recon --model bfm-fit on S3 with two workers: identity once per recording, codes per
+    frame, QC losses; lazy vertices equal the stored ones; a segment whose marker is gone is redone
+    bit for bit from the stored identity."""
+    import s3fs
+
+    import gmfx
+    from gmfx.dataset import find_recordings
+    from gmfx.models import with_vertices
+    from gmfx.models._files import MODEL_DIR_ENV
+    from gmfx.models.bfm_fit import bfm_fit_vertices
+    from gmfx.stages.decode import run_decode
+    from gmfx.stages.recon import run_recon
+    from gmfx.storage import open_dataset
+    from gmfx.testing._videos import write_bids_recording
+
+    monkeypatch.setenv(MODEL_DIR_ENV, str(model_root))
+    write_bids_recording(str(tmp_path / "bids"), subject="01", task="faces", video=str(short_clip))
+    recordings = find_recordings(str(tmp_path / "bids"))
+    options = {"model_dir": str(model_root), "landmarks": "mediapipe", **QUICK}
+    out = s3_root.child("derivatives")
+    run_decode(recordings, out, client=dask_client, chunk_frames=SEGMENT, segment_frames=SEGMENT, progress=False)
+
+    def run():
+        return run_recon(recordings, out, client=dask_client, model="bfm-fit", device="cpu", segment_frames=SEGMENT,
+                         model_options=options, save_vertices=True, progress=False)
+
+    [location] = run()
+    ds = open_dataset(location, stage="recon")
+    assert {"v", "mat", "landmarks", "code_exp", "code_angle", "code_gamma", "code_trans", "code_crop", "code_fit_loss",
+            "identity_id", "identity_tex", "identity_frame"} <= set(ds.data_vars)
+    assert ds["identity_id"].shape == (1, 80) and ds["code_exp"].shape == (N_FRAMES, 1, 64) and ds["v"].shape == (N_FRAMES, 1, 1500, 3)
+    assert ds["detected"].values.all() and np.isfinite(ds["code_fit_loss"].values).all()
+    assert ds.attrs["fit_loss_terms"][0] == "landmark_px" and (ds["code_fit_loss"].values[..., 0] < 25).all()
+    np.testing.assert_array_equal(ds["identity_frame"].values[0, :N_FRAMES], np.arange(N_FRAMES))
+    np.testing.assert_allclose(bfm_fit_vertices(ds).values, ds["v"].values, atol=1e-3)
+    codes_only = gmfx.open_recon(location).drop_vars("v")
+    np.testing.assert_allclose(with_vertices(codes_only)["v"].values, ds["v"].values, atol=1e-3)
+
+    first_write = {k: v.values.copy() for k, v in ds.data_vars.items() if "time" in v.dims}
+    fs = s3fs.S3FileSystem(**location.storage_options)
+    fs.rm(f"{location.url.removeprefix('s3://')}/_gmfx/regions/000001")  # the second segment is lost
+    run()
+    again = open_dataset(location, stage="recon")
+    for name, values in first_write.items():
+        np.testing.assert_array_equal(again[name].values, values)

@@ -147,3 +147,18 @@ def test_mediapipe_68_on_a_real_face_come_in_ibug_order(data_dir):
         assert x[36] < x[39] < x[42] < x[45] and x[48] < x[51] < x[54] and x[60] < x[62] < x[64]
         assert max(y[36:48]) < y[30] < min(y[48:68]) and y[27] < y[28] < y[29] < y[30]
         assert y[37] < y[41] and y[44] < y[46] and y[51] < y[62] < y[57] and y[51] < y[66] < y[57]
+
+
+def test_adam_is_torchs_adam():
+    from gmfx.models._fitting import Adam
+
+    rng = np.random.default_rng(4)
+    target = torch.tensor(rng.normal(size=(3, 5)))
+    ours, theirs = (torch.zeros(3, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    mine, reference = Adam([ours], lr=0.05), torch.optim.Adam([theirs], lr=0.05)
+    for _ in range(25):
+        for param, optimiser in ((ours, mine), (theirs, reference)):
+            optimiser.zero_grad()
+            (((param - target) ** 2) * torch.arange(1.0, 6.0, dtype=torch.float64)).sum().backward()
+            optimiser.step()
+    np.testing.assert_allclose(ours.detach().numpy(), theirs.detach().numpy(), rtol=1e-12, atol=1e-14)
