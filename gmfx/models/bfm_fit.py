@@ -267,7 +267,7 @@ class BfmFitBackend(Backend):
         checked = cls._check_options(**options)
         return {
             "model_dir": resolve_model_dir(checked["model_dir"]).url,
-            "landmarks": resolve_landmark_source(checked["landmarks"]),
+            "landmark_source": resolve_landmark_source(checked["landmarks"]),
             "identity_fit_frames": checked["identity_fit_frames"],
             "fit_options": json.dumps(asdict(checked["fit"])),
             "fit_loss_terms": list(LOSS_TERMS),
