@@ -146,6 +146,9 @@ def test_mediapipe_68_on_a_real_face_come_in_ibug_order(data_dir):
         assert x[17] < x[21] < x[22] < x[26]
         assert x[36] < x[39] < x[42] < x[45] and x[48] < x[51] < x[54] and x[60] < x[62] < x[64]
         assert max(y[36:48]) < y[30] < min(y[48:68]) and y[27] < y[28] < y[29] < y[30]
+        assert x[36] < x[37] < x[38] < x[39] and x[36] < x[41] < x[40] < x[39]  # lids run outer -> inner, back below
+        assert x[42] < x[43] < x[44] < x[45] and x[42] < x[47] < x[46] < x[45]
+        assert x[48] < x[59] < x[58] < x[57] < x[56] < x[55] < x[54] and x[60] < x[67] < x[66] < x[65] < x[64]
         assert y[37] < y[41] and y[44] < y[46] and y[51] < y[62] < y[57] and y[51] < y[66] < y[57]
 
 
