@@ -165,3 +165,30 @@ def test_adam_is_torchs_adam():
             (((param - target) ** 2) * torch.arange(1.0, 6.0, dtype=torch.float64)).sum().backward()
             optimiser.step()
     np.testing.assert_allclose(ours.detach().numpy(), theirs.detach().numpy(), rtol=1e-12, atol=1e-14)
+
+
+def test_two_faces_are_told_apart_by_landmark_shape():
+    """Identity pass: detections of two faces (different shapes, positions swapping between frames)
+    fall into two groups; segments: each face goes to its identity whatever order the detector gives."""
+    from gmfx.models._base import Identity
+    from gmfx.models.bfm_fit import assign_faces, best_frames, group_faces, shape_signature
+
+    rng = np.random.default_rng(5)
+    round_face, long_face = rng.normal(size=(68, 2)) * [40, 40], rng.normal(size=(68, 2)) * [25, 60]
+    frames = []
+    for k in range(6):
+        a = round_face * (1 + 0.1 * k) + [100 + 30 * k, 100] + rng.normal(scale=0.5, size=(68, 2))
+        b = long_face * (1 - 0.05 * k) + [400 - 30 * k, 120] + rng.normal(scale=0.5, size=(68, 2))
+        frames.append([(b, 0.8), (a, 0.9)] if k % 2 else [(a, 0.9), (b, 0.8)])
+    frames.insert(3, [])  # a frame without a face
+    groups = group_faces(frames, max_faces=2)
+    assert sorted(len(g) for g in groups) == [6, 6]
+    for group in groups:
+        signature = shape_signature(np.stack([p for _, p, _ in group]))
+        assert min(np.linalg.norm(signature - shape_signature(f[None])) for f in (round_face, long_face)) < 0.1
+    identities = [Identity(codes={}, frames=np.arange(1), signature=shape_signature(f[None])) for f in (long_face, round_face)]
+    owners = assign_faces(frames, identities)
+    assert [i for i, _, _ in owners[0]] == [0, 1, 2, 4, 5, 6] and all(score == 0.8 for _, _, score in owners[0])
+    assert all(score == 0.9 for _, _, score in owners[1])
+    chosen = best_frames([(i, None, s) for i, s in enumerate([0.5, 0.9, 0.5, 0.5, 0.5, 0.5, 0.9])], 4)
+    assert [i for i, _, _ in chosen] == [0, 1, 5, 6]  # the two best, then the equals spread out
