@@ -109,6 +109,7 @@ def test_one_frame_fit_recovers_known_coefficients(layer):
     assert losses["photometric"].item() < 0.02 and losses["landmark"].item() < 1e-5
 
 
+@pytest.mark.slow
 def test_video_fit_shares_identity_and_warm_starts(layer):
     """Identity and texture from 3 of 8 frames, then the 8 frames in two batches of 4 with it fixed:
     every frame's geometry comes back within 1 px RMS (all vertices), texture within 0.25, angles within
@@ -167,6 +168,7 @@ def clip_frames(data_dir):
         return np.stack([f.to_ndarray(format="rgb24") for _, f in zip(range(N_FRAMES), container.decode(video=0))])
 
 
+@pytest.mark.slow
 def test_frames_without_a_face_give_no_face_and_the_fit_goes_on(model_root, clip_frames, data_dir):
     """Frames of a faceless video between real ones: no face there (the stage writes NaN rows), the
     fit of the others is unaffected, and an identity pass over faceless frames finds nobody."""
