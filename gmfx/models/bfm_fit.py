@@ -30,6 +30,7 @@ QC
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from collections.abc import Mapping, Sequence
@@ -232,7 +233,8 @@ class BfmFitBackend(Backend):
     def __init__(self, layer: BfmLayer, device: str, *, landmarks: LandmarkSource = "auto", min_detection_confidence: float = 0.5,
                  identity_fit_frames: int = 16, fit: FitOptions | None = None) -> None:
         self.device = torch.device(device)
-        self.layer = layer.to(self.device)
+        # the process's cached layer stays on the CPU (topology and lazy vertices use it)
+        self.layer = layer if self.device.type == "cpu" else copy.deepcopy(layer).to(self.device)
         self.decode = bfm_decoder(self.layer)
         self.fit = fit or FitOptions()
         self.identity_fit_frames = int(identity_fit_frames)
