@@ -36,12 +36,11 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from functools import lru_cache
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
-from gmfx._errors import ModelError
 from gmfx.models._base import Backend, Face, Identity, Outputs, Topology
 from gmfx.models._bfm import BfmLayer, read_bfm
 from gmfx.models._crops import box_from_landmarks, square_crop, warp_crops
@@ -255,7 +254,7 @@ class BfmFitBackend(Backend):
         return bfm_fit_vertices(ds)
 
     @staticmethod
-    def _check_options(*, model_dir: str | None = None, landmarks: str = "auto", min_detection_confidence: float = 0.5,
+    def _check_options(*, model_dir: str | None = None, landmarks: LandmarkSource = "auto", min_detection_confidence: float = 0.5,
                        identity_fit_frames: int = 16, **fit: Any) -> dict[str, Any]:
         if landmarks not in ("auto", "fan", "mediapipe"):
             raise ValueError(f"landmarks must be auto, fan or mediapipe, not {landmarks!r}")
