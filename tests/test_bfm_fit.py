@@ -254,3 +254,61 @@ def test_bfm_fit_end_to_end_on_s3_lazy_vertices_and_resume(model_root, short_cli
     again = open_dataset(location, stage="recon")
     for name, values in first_write.items():
         np.testing.assert_array_equal(again[name].values, values)
+
+
+class _KnownLandmarks:
+    """A detector that returns given 68 landmarks (one face) in every frame."""
+
+    def __init__(self, points):
+        self.points = points
+
+    def __call__(self, frames, max_faces):
+        return [[(self.points[i], 0.9)] for i in range(len(frames))]
+
+    def reset(self):
+        pass
+
+
+def test_meshes_land_on_the_frame_where_the_camera_puts_them(model_root, monkeypatch):
+    """A face posed with known identity and pose, projected by hand (C.3: u = 1015 x / (10 - z) + 112, row = 223 - v,
+    then frame = (crop - offset) / k) into a 640 x 360 frame: the backend's fitted landmarks and every
+    vertex land within 0.5 px of it, and ``mat @ local`` (weak perspective) within 4% of the face's size."""
+    import gmfx.models.bfm_fit as bfm_fit
+
+    layer = bfm_fit._layer_of(bfm_fit.resolve_model_dir(str(model_root)))
+    rng = np.random.default_rng(7)
+    truth = {"id": rng.normal(scale=0.3, size=(1, 80)), "exp": np.zeros((2, 64)),  # 68 points cannot pin 64 expressions' other vertices
+             "angle": np.array([[0.1, -0.25, 0.05], [0.05, 0.2, -0.1]]), "trans": np.array([[0.05, 0.02, 0.1], [-0.1, 0.05, -0.2]])}
+    crop = np.array([[224 / 300, -170 * 224 / 300, -30 * 224 / 300], [224 / 260, -300 * 224 / 260, -60 * 224 / 260]])
+
+    def rotation(a):  # Rz Ry Rx, written out
+        cx, cy, cz, sx, sy, sz = *np.cos(a), *np.sin(a)
+        rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+        ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+        rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+        return rz @ ry @ rx
+
+    mean = layer.mean_shape.double().numpy()
+    frame_vertices = []
+    for b in range(2):
+        local = mean + layer.id_base.double().numpy() @ truth["id"][0] + layer.exp_base.double().numpy() @ truth["exp"][b]
+        posed = local @ rotation(truth["angle"][b]).T + truth["trans"][b]
+        u = 1015 * posed[:, 0] / (10 - posed[:, 2]) + 112
+        row = 223 - (1015 * posed[:, 1] / (10 - posed[:, 2]) + 112)
+        frame_vertices.append(np.stack([(u - crop[b, 1]) / crop[b, 0], (row - crop[b, 2]) / crop[b, 0]], axis=1))
+    frame_vertices = np.stack(frame_vertices)
+    keypoints = layer.keypoints.numpy()
+    monkeypatch.setattr(bfm_fit, "crop_parameters", lambda points: crop[: len(points)])
+    backend = bfm_fit.BfmFitBackend.load("cpu", model_dir=str(model_root), landmarks="mediapipe", photometric=False,
+                                         first_rigid_iterations=300, first_nonrigid_iterations=100, rigid_iterations=100,
+                                         nonrigid_iterations=100, rotation_weight=0.0, translation_weight=0.0)  # two unrelated poses
+    backend.landmarks = _KnownLandmarks(frame_vertices[:, keypoints])
+    identity = bfm_fit.Identity(codes={"id": truth["id"][0].astype(np.float32), "tex": np.zeros(80, np.float32)}, frames=np.arange(1))
+    found = backend.reconstruct(np.zeros((2, 360, 640, 3), np.uint8), max_faces=1, identities=[identity])
+    for b, (face,) in enumerate(found):
+        np.testing.assert_allclose(face.landmarks[:, :2], frame_vertices[b, keypoints], atol=0.5)
+        np.testing.assert_allclose(face.vertices[:, :2], frame_vertices[b], atol=0.5)
+        local = layer.shape(torch.tensor(truth["id"], dtype=torch.float32), torch.tensor(face.codes["exp"])[None])[0].double().numpy()
+        weak = local @ face.mat[:3, :3].T.astype(np.float64) + face.mat[:3, 3]
+        size = np.ptp(frame_vertices[b], axis=0).max()
+        assert np.abs(weak[:, :2] - face.vertices[:, :2]).max() < 0.04 * size
