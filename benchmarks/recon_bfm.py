@@ -136,7 +136,7 @@ def deep3d_part(args: argparse.Namespace, recordings, out: Location, frames_stor
 
 
 #: the benchmark's parts by name (``--parts``): each gets the arguments, recordings, output root,
-#: frames store and model directory. 3DMM fitting (``bfm-fit``) adds its own entry here.
+#: frames store and model directory. 3DMM fitting (``bfm-fit``) is timed by ``benchmarks/recon_bfm_fit.py``.
 PARTS: dict[str, Callable[..., None]] = {"deep3d": deep3d_part}
 
 

@@ -6,7 +6,8 @@
   (:func:`synthetic_face`, :func:`write_synthetic_recon`);
 - a real S3-compatible server on 127.0.0.1 (:func:`local_s3_server`; needs the ``test`` extra);
 - fault injection for storage (:class:`FlakyFileSystem`, ``flaky://`` URLs);
-- a conformance check for reconstruction backends (:func:`check_backend`) and two tiny real backends;
+- a conformance check for reconstruction backends (:func:`check_backend`) and tiny real backends
+  (one with a per-face identity: :class:`ColourIdentityBackend`);
 - a real-face video with known head motion (:func:`astronaut_motion`; needs scikit-image);
 - face-model files in the official formats with random values (FLAME, DECA, EMOCA:
   :func:`write_model_dir`, :func:`write_flame_pkl`, ...);
@@ -19,6 +20,7 @@
 from gmfx.testing._backends import BrightSquareBackend, GpuBrightSquareBackend, check_backend
 from gmfx.testing._faces import FaceMotion, astronaut_motion
 from gmfx.testing._flaky import FlakyFileSystem
+from gmfx.testing._identity import ColourIdentityBackend
 from gmfx.testing._model_files import (
     write_deca_model,
     write_emoca_model,
@@ -35,6 +37,7 @@ from gmfx.testing._bfm_files import write_bfm09_sources, write_bfm_lm3d, write_b
 
 __all__ = [
     "BrightSquareBackend",
+    "ColourIdentityBackend",
     "FaceMotion",
     "FlakyFileSystem",
     "GpuBrightSquareBackend",
