@@ -99,6 +99,9 @@ def test_every_video_reads_back_as_its_plain_pyav_decode(videos, tmp_path):
         reader = FrameReader(store)
         np.testing.assert_array_equal(reader[slice(1, 4)], expected[1:4], err_msg=name)
         np.testing.assert_array_equal(reader[slice(3, len(expected))], expected[3:], err_msg=name)
+        picks = np.array([0, 2, len(expected) - 1])  # the identity pass samples frames over the recording
+        assert reader.shape == expected.shape
+        np.testing.assert_array_equal(reader.get_orthogonal_selection((picks,)), expected[picks], err_msg=name)
 
 
 def test_threads_reading_at_once_each_get_their_own_frames(data_dir, tmp_path):

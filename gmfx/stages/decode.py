@@ -502,8 +502,23 @@ class FrameReader:
     def chunks(self) -> tuple[int, ...]:
         return self.arrays[0].chunks
 
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """``(time, y, x, rgb)`` of the RGB frames."""
+        if self.pixels is None:
+            return tuple(self.arrays[0].shape)
+        return (self.arrays[0].shape[0], self.pixels.height, self.pixels.width, 3)
+
     def __getitem__(self, time: slice) -> np.ndarray:
-        values = [array[time] for array in self.arrays]
+        """RGB frames ``[start:stop]``."""
+        return self._rgb([array[time] for array in self.arrays])
+
+    def get_orthogonal_selection(self, selection: tuple[Sequence[int]]) -> np.ndarray:
+        """RGB frames at the time indices ``selection[0]`` (as zarr's orthogonal selection, time only)."""
+        (times,) = selection
+        return self._rgb([array.get_orthogonal_selection((times,)) for array in self.arrays])
+
+    def _rgb(self, values: list[np.ndarray]) -> np.ndarray:
         return values[0] if self.pixels is None else _converter(self.pixels)(*values)
 
     def chunk_names(self, start: int, stop: int) -> str:
