@@ -30,7 +30,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import posixpath
-import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -72,7 +71,7 @@ from gmfx.storage import (
     write_dataset_description,
 )
 from gmfx.storage._fingerprint import relative_name
-from gmfx.storage._frames_schema import FRAMES_SCHEMA, frames_layout, keep_other_schema
+from gmfx.storage._frames_schema import FRAMES_SCHEMA, converter, frames_layout, keep_other_schema
 from gmfx.storage._location import redact
 from gmfx.storage._retry import retry_transient
 from gmfx.storage._shards import ShardBuilder, shard_level
@@ -97,7 +96,6 @@ _PLANE_DIMS = {
     "a_plane": ("time", "y", "x"),
 }
 _RGB_DIMS = ("time", "y", "x", "rgb")
-_REWRITE = "or rewrite it with gmfx decode --overwrite"
 
 
 class RotationWarning(UserWarning):
@@ -444,44 +442,9 @@ def run_decode(
 
 def open_frames(location: LocationLike, storage_options: Mapping[str, Any] | None = None) -> xr.Dataset:
     """Open a complete frames store lazily: ``frames`` ``(time, y, x, rgb)`` uint8 with ``time`` and ``frame``
-    coordinates, whatever its layout (planes are converted to RGB chunk by chunk when read)."""
-    location = as_location(location, storage_options)
-    ds = open_dataset(location, stage=STAGE.name)
-    if frames_layout(ds.attrs, location.url) == "rgb":
-        return ds
-    pixels = PixelFormat.from_attrs(ds.attrs["pixels"])
-    names = [name for name in pixels.plane_names if name in ds]
-    if len(names) != len(pixels.planes):
-        raise StorageError(
-            f"the frames store lacks planes {sorted(set(pixels.plane_names) - set(names))} its pixel format needs",
-            where=location.url,
-            fix="the store is damaged: copy it again, " + _REWRITE,
-        )
-    # the luma plane sets the output's y and x; the other planes' own axes (chroma) are whole in every block
-    indices = ["tyx"] + [f"t{2 * i}{2 * i + 1}" for i in range(1, len(names))]
-    rgb = dask.array.blockwise(
-        _rgb_block, "tyxc", *[a for name, index in zip(names, indices) for a in (ds[name].data, tuple(index))],
-        new_axes={"c": 3}, concatenate=True, dtype=np.uint8, pixels=pixels, meta=np.empty((0, 0, 0, 0), np.uint8),
-    )  # fmt: skip
-    frames = xr.DataArray(rgb, dims=_RGB_DIMS, coords={"time": ds["time"], "frame": ds["frame"]})
-    frames.encoding["chunks"] = (int(ds.attrs["chunk_frames"]), pixels.height, pixels.width, 3)
-    return ds.drop_vars(names).assign(frames=frames)
-
-
-def _rgb_block(*planes: np.ndarray, pixels: PixelFormat) -> np.ndarray:
-    return _converter(pixels)(*planes)
-
-
-_converters = threading.local()
-
-
-def _converter(pixels: PixelFormat) -> PlanesToRgb:
-    """One converter per pixel format and thread: a worker converts many chunks, and a converter's
-    rawvideo decoder must never serve two threads at once (it would hand one thread another's frame)."""
-    cache = _converters.__dict__.setdefault("by_format", {})
-    if pixels not in cache:
-        cache[pixels] = PlanesToRgb(pixels)
-    return cache[pixels]
+    coordinates, whatever its layout (planes are converted to RGB chunk by chunk when read; see
+    :func:`gmfx.storage._frames_schema.rgb_view`)."""
+    return open_dataset(as_location(location, storage_options), stage=STAGE.name)
 
 
 class FrameReader:
@@ -519,7 +482,7 @@ class FrameReader:
         return self._rgb([array.get_orthogonal_selection((times,)) for array in self.arrays])
 
     def _rgb(self, values: list[np.ndarray]) -> np.ndarray:
-        return values[0] if self.pixels is None else _converter(self.pixels)(*values)
+        return values[0] if self.pixels is None else converter(self.pixels)(*values)
 
     def chunk_names(self, start: int, stop: int) -> str:
         """The stored objects (chunks or shards) that frames ``[start, stop)`` read."""

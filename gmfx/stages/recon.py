@@ -32,6 +32,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import xarray as xr
+import zarr
 from distributed import Client
 
 from gmfx._errors import GmfxWarning, ModelError, ParameterError, StorageError, parameter

@@ -10,17 +10,26 @@
 A decode run never resumes into a store of another schema (its regions would mix two layouts): an
 incomplete one is refused with how to rewrite it, a complete one with the same inputs and frame size is
 kept as it is (it stays readable), and one with other inputs is rewritten like any stale store.
+
+Every reader (``gmfx.open_frames``, ``gmfx.open_store``, the stages) sees a frames store through
+:func:`rgb_view`: ``frames`` ``(time, y, x, rgb)`` uint8 whatever the layout.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from gmfx._errors import StorageError
+import dask.array
+import numpy as np
+import xarray as xr
 
-__all__ = ["FRAMES_SCHEMA", "frames_layout", "keep_other_schema"]
+from gmfx._errors import StorageError
+from gmfx._pixels import PixelFormat, PlanesToRgb
+
+__all__ = ["FRAMES_SCHEMA", "converter", "frames_layout", "keep_other_schema", "rgb_view"]
 
 #: the schema this gmfx writes
 FRAMES_SCHEMA = 2
@@ -92,3 +101,43 @@ def keep_other_schema(attrs: Mapping[str, Any] | None, plan: Mapping[str, Any], 
             fix="rerun gmfx decode with --overwrite to rewrite it, or choose another --out",
         )
     return True
+
+
+def rgb_view(ds: xr.Dataset, where: str) -> xr.Dataset:
+    """``ds`` (a frames store opened lazily) with ``frames`` ``(time, y, x, rgb)`` uint8 in place of its
+    planes, converted chunk by chunk (one Dask task a stored chunk) when read; RGB stores as they are."""
+    if frames_layout(ds.attrs, where) == "rgb":
+        return ds
+    pixels = PixelFormat.from_attrs(ds.attrs["pixels"])
+    names = [name for name in pixels.plane_names if name in ds]
+    if len(names) != len(pixels.planes):
+        raise StorageError(
+            f"the frames store lacks planes {sorted(set(pixels.plane_names) - set(names))} its pixel format needs",
+            where=where,
+            fix="the store is damaged: copy it again, or rewrite it with gmfx decode --overwrite",
+        )
+    # the luma plane sets the output's y and x; the other planes' own axes (chroma) are whole in every block
+    indices = ["tyx"] + [f"t{2 * i}{2 * i + 1}" for i in range(1, len(names))]
+    rgb = dask.array.blockwise(
+        _rgb_block, "tyxc", *[a for name, index in zip(names, indices) for a in (ds[name].data, tuple(index))],
+        new_axes={"c": 3}, concatenate=True, dtype=np.uint8, pixels=pixels, meta=np.empty((0, 0, 0, 0), np.uint8),
+    )  # fmt: skip
+    frames = xr.DataArray(rgb, dims=("time", "y", "x", "rgb"), coords={"time": ds["time"], "frame": ds["frame"]})
+    frames.encoding["chunks"] = (int(ds.attrs["chunk_frames"]), pixels.height, pixels.width, 3)
+    return ds.drop_vars(names).assign(frames=frames)
+
+
+def _rgb_block(*planes: np.ndarray, pixels: PixelFormat) -> np.ndarray:
+    return converter(pixels)(*planes)
+
+
+_converters = threading.local()
+
+
+def converter(pixels: PixelFormat) -> PlanesToRgb:
+    """One converter per pixel format and thread: a worker converts many chunks, and a converter's
+    rawvideo decoder must never serve two threads at once (it would hand one thread another's frame)."""
+    cache = _converters.__dict__.setdefault("by_format", {})
+    if pixels not in cache:
+        cache[pixels] = PlanesToRgb(pixels)
+    return cache[pixels]

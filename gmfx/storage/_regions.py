@@ -29,6 +29,7 @@ import xarray as xr
 import zarr
 
 from gmfx._errors import IncompleteStoreError, StorageError
+from gmfx.storage._frames_schema import rgb_view
 from gmfx.storage._location import Location, LocationLike, as_location, redact
 from gmfx.storage._retry import is_transient, retry_transient
 
@@ -429,7 +430,8 @@ def open_dataset(location: Location, *, stage: str, require_complete: bool = Tru
             where=location.url,
             fix=f"rerun gmfx {stage}: it resumes and writes only the missing regions",
         )
-    return xr.open_zarr(**location.zarr_kwargs(), consolidated=attrs.get("gmfx_complete", False))
+    ds = xr.open_zarr(**location.zarr_kwargs(), consolidated=attrs.get("gmfx_complete", False))
+    return rgb_view(ds, location.url) if stage == "decode" else ds  # frames read as RGB whatever their layout
 
 
 def open_store(
