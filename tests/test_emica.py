@@ -25,7 +25,7 @@ from gmfx.testing._emica_files import EMICA_FOLDER, write_emica_model, write_mic
 from gmfx.testing._model_files import write_lightning_checkpoint, write_model_dir
 from gmfx.testing._videos import write_bids_recording
 
-N_FRAMES = 6
+N_FRAMES = 4
 SEGMENT = 2
 
 
@@ -59,12 +59,14 @@ def emica(model_root):
 
 # -- MICA ----------------------------------------------------------------------------------------------
 def test_iresnet100_has_micas_key_layout():
-    state = IResNet100().state_dict()
+    network = IResNet100().eval()
+    state = network.state_dict()
     assert state["conv1.weight"].shape == (64, 3, 3, 3) and state["fc.weight"].shape == (512, 25088)
     assert state["features.running_var"].shape == (512,) and state["layer3.29.conv2.weight"].shape == (256, 256, 3, 3)
     assert state["layer1.0.downsample.0.weight"].shape == (64, 64, 1, 1) and "layer1.1.downsample.0.weight" not in state
     assert sum(1 for k in state if k.endswith("prelu.weight")) == 1 + 3 + 13 + 30 + 3
-    assert IResNet100()(torch.zeros(2, 3, 112, 112)).shape == (2, 512)
+    with torch.inference_mode():
+        assert network(torch.zeros(1, 3, 112, 112)).shape == (1, 512)
 
 
 def test_mica_tar_loads_strictly_and_ignores_the_flame_buffers(model_root, tmp_path):
@@ -221,7 +223,7 @@ def test_emica_recon_end_to_end_resume_detail_on_s3(model_env, short_clip, tmp_p
     out = Location(str(tmp_path / "out"))
     run_decode(recordings, out, client=None, chunk_frames=SEGMENT, segment_frames=SEGMENT, progress=False)
 
-    def run(model, target, **kwargs):
+    def run(model, target, **kwargs):  # threads of this process (the identity stage on a cluster: test_recon_identity)
         return run_recon(recordings, target, client=None, model=model, device="cpu", segment_frames=SEGMENT,
                          model_options=options, progress=False, **kwargs)  # fmt: skip
 
@@ -258,7 +260,7 @@ def test_emica_recon_end_to_end_resume_detail_on_s3(model_env, short_clip, tmp_p
     assert derived.chunks[0] == (SEGMENT,) * (N_FRAMES // SEGMENT)  # lazy, one task per stored time chunk
     np.testing.assert_allclose(derived.values, detail["v"].values, atol=1e-3)
 
-    maps = detail_displacements(detail)
+    maps = detail_displacements(detail)  # from an S3 store (values: test_detail_displacements_equal_a_functional_computation)
     assert maps.dims == ("time", "face", "uv_v", "uv_u") and maps.chunks[0] == (SEGMENT,) * (N_FRAMES // SEGMENT)
     np.testing.assert_allclose(maps.values[:, 0], _direct_displacements(model_env, detail), atol=1e-6)
 
@@ -296,3 +298,33 @@ def test_cli_mode_detail_picks_the_detail_variant_and_models_lists_emica(model_e
     with pytest.raises(Exception, match="--mode detail is not available for the model 'mediapipe'") as info:
         _model_for_mode("mediapipe", "detail")
     assert "emica" in str(info.value)
+
+
+def test_codes_split_in_cfg_order_with_the_expression_encoders_jaw(emica):
+    crops = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    codes = emica.encode(crops)
+    with torch.inference_mode():
+        deca = emica.encoder(crops)  # texcode 50, globalpose 3, cam 3, lightcode 27 (jaw from the expression encoder)
+        expression = emica.expression_encoder(crops)  # expcode 100, jawpose 3
+    assert list(emica.deca_predicts) == ["texcode", "globalpose", "cam", "lightcode"]
+    torch.testing.assert_close(codes["tex"], deca[:, :50])
+    torch.testing.assert_close(codes["pose"], torch.cat([deca[:, 50:53], expression[:, 100:103]], dim=1))
+    torch.testing.assert_close(codes["cam"], deca[:, 53:56])
+    torch.testing.assert_close(codes["light"], deca[:, 56:83])
+    torch.testing.assert_close(codes["exp"], expression[:, :100])
+
+
+def test_detail_displacements_equal_a_functional_computation(model_env):
+    import xarray as xr
+
+    rng = np.random.default_rng(3)
+    codes = {"code_pose": rng.normal(size=(3, 2, 6)), "code_exp": rng.normal(size=(3, 2, 100)), "code_detail": rng.normal(size=(3, 2, 128))}
+    codes["code_detail"][1, 1] = np.nan  # an undetected face stays NaN
+    ds = xr.Dataset({k: (("time", "face", k[5:] + "_param"), v.astype(np.float32)) for k, v in codes.items()}).chunk(time=2)
+    maps = detail_displacements(ds)
+    assert maps.chunks[0] == (2, 1) and maps.shape == (3, 2, 256, 256)
+    values = maps.values
+    assert np.isnan(values[1, 1]).all()
+    for face in range(2):
+        rows = [0, 2] if face == 1 else [0, 1, 2]
+        np.testing.assert_allclose(values[rows, face], _direct_displacements(model_env, ds.isel(time=rows, face=[face])), atol=1e-6)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +24,15 @@ __all__ = ["EMICA_FOLDER", "write_emica_model", "write_mica_tar"]
 EMICA_FOLDER = "EMICA-CVT_flame2020_notexture"
 
 
-def _mica_states(rng: np.random.Generator) -> tuple[OrderedDict, OrderedDict]:
-    """Random ArcFace (iresnet100) and regressor state dicts; shape codes of order one."""
+@lru_cache(maxsize=1)
+def _mica_states(seed: int) -> tuple[OrderedDict, OrderedDict]:
+    """Random ArcFace (iresnet100) and regressor state dicts; shape codes of order one (made once per
+    seed: a model directory holds them twice, in mica.tar and in the EMICA checkpoint)."""
     import torch
 
     from gmfx.models._arcface import IResNet100, MicaRegressor
 
+    rng = np.random.default_rng(seed)
     arcface = _random_state(IResNet100(), rng, scale=1.0)
     regressor = _random_state(MicaRegressor(), rng, scale=1.0)
     regressor["output.weight"] = regressor["output.weight"] * 5.0
@@ -51,7 +55,7 @@ def write_mica_tar(path: str | Path, *, seed: int = 0) -> Path:
     generator.* FLAME buffers}``."""
     import torch
 
-    arcface, regressor = _mica_states(np.random.default_rng(seed))
+    arcface, regressor = _mica_states(seed)
     flame_model = OrderedDict((f"regressor.{k}", v) for k, v in regressor.items())
     flame_model.update((f"generator.{k}", v) for k, v in _flame_buffers().items())
     path = Path(path)
@@ -81,7 +85,7 @@ def write_emica_model(folder: str | Path, *, jaw: bool = True, mica: bool = True
         ("face_encoder.expression_encoder.encoder.", _encoder_state(sum(expression_predicts.values()), rng)),
     ]
     if mica:
-        arcface, regressor = _mica_states(rng)
+        arcface, regressor = _mica_states(seed)
         modules += [(prefix + "mica_encoder.E_mica.arcface.", arcface), (prefix + "mica_encoder.E_mica.flameModel.regressor.", regressor)]
     for name, module_state in modules:
         state.update((name + key, value) for key, value in module_state.items())
