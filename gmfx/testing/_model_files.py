@@ -267,10 +267,17 @@ def _detail_decoder_state(rng: np.random.Generator) -> OrderedDict:
         index, channels = index + 4, out
     shapes[f"conv_blocks.{index}.weight"] = (1, channels, 3, 3)
     shapes[f"conv_blocks.{index}.bias"] = (1,)
-    return OrderedDict(
-        (key, torch.zeros(shape, dtype=torch.long) if key.endswith("num_batches_tracked") else torch.from_numpy(rng.normal(scale=0.01, size=shape).astype(np.float32)))
-        for key, shape in shapes.items()
-    )
+    def value(key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if key.endswith("num_batches_tracked"):
+            return torch.zeros(shape, dtype=torch.long)
+        if key.endswith("running_var"):  # a variance is positive (random signs made every map NaN)
+            return torch.from_numpy(rng.uniform(0.5, 1.5, size=shape).astype(np.float32))
+        if "conv_blocks" in key and key.endswith(".weight") and len(shape) == 1:  # batch-norm scales near one
+            return torch.from_numpy(rng.uniform(0.8, 1.2, size=shape).astype(np.float32))
+        fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        return torch.from_numpy(rng.normal(scale=1.0 / np.sqrt(fan_in) if len(shape) > 1 else 0.01, size=shape).astype(np.float32))
+
+    return OrderedDict((key, value(key, shape)) for key, shape in shapes.items())
 
 
 def write_deca_model(path: str | Path, *, detail: bool = True, seed: int = 0) -> Path:
