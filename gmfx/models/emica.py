@@ -222,7 +222,7 @@ class EmicaBackend(DecaBackend):
         checked = cls._check_options(**rest)
         root = resolve_model_dir(checked.pop("model_dir"))
         adopt_model_dir(root)
-        networks, predicts = _shared_networks(cls, root.url, _options_key(root), own.get("checkpoint") or cls.default_folder)
+        networks, predicts = _shared_networks(cls, root.url, _options_key(root), own.get("checkpoint") or cls.default_folder, device)
         if own.get("identity_min_score") is not None:
             checked["identity_min_score"] = float(own["identity_min_score"])
         return cls(networks, predicts, cls._emica_flame(root), device, **checked)
@@ -407,11 +407,15 @@ class EmicaDetailBackend(EmicaBackend):
 
 
 @lru_cache(maxsize=2)
-def _shared_networks(cls: type[EmicaBackend], url: str, storage_options: str, folder: str) -> tuple[dict[str, torch.nn.Module], tuple[dict, dict]]:
-    """The networks of a model folder, read once per process: every thread's backend (each has its own
-    detector state) runs the same modules, which inference does not modify (measured here, loaded
-    2-core box: a 4-frame recording in 3 tasks on 2 threads took 22 s with a load per thread, 14 s shared)."""
-    return cls._load_networks(Location(url, json.loads(storage_options)), folder)
+def _shared_networks(
+    cls: type[EmicaBackend], url: str, storage_options: str, folder: str, device: str
+) -> tuple[dict[str, torch.nn.Module], tuple[dict, dict]]:
+    """The networks of a model folder on ``device``, read once per process and device: every thread's
+    backend (each has its own detector state) runs the same modules, which inference does not modify
+    (measured here, loaded 2-core box: a 4-frame recording in 3 tasks on 2 threads took 22 s with a
+    load per thread, 14 s shared)."""
+    networks, predicts = cls._load_networks(Location(url, json.loads(storage_options)), folder)
+    return {name: network.to(device) for name, network in networks.items()}, predicts
 
 
 # -- lazy derivations ---------------------------------------------------------------------------------
