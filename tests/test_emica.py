@@ -16,11 +16,10 @@ from gmfx.cli import app
 from gmfx.dataset import find_recordings
 from gmfx.models._arcface import ARCFACE_TEMPLATE, IResNet100, arcface_crop, arcface_input, five_points
 from gmfx.models._files import MODEL_DIR_ENV
-from gmfx.models._resnet import load_strict
-from gmfx.models.emica import EmicaBackend, EmicaDetailBackend, detail_displacements, emica_vertices, load_mica
+from gmfx.models.emica import EmicaBackend, detail_displacements, emica_vertices, load_mica
 from gmfx.stages.decode import run_decode
 from gmfx.stages.recon import identity_sample, plan_recon, run_recon
-from gmfx.storage import Location, open_dataset, store_location
+from gmfx.storage import Location, open_dataset
 from gmfx.testing._emica_files import EMICA_FOLDER, write_emica_model, write_mica_tar
 from gmfx.testing._model_files import write_lightning_checkpoint, write_model_dir
 from gmfx.testing._videos import write_bids_recording
