@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # the same names, imported for type checkers and IDEs
     from gmfx.models.deca import flame_vertices
     from gmfx.models import Identity
     from gmfx.models.emica import detail_displacements, emica_vertices
+    from gmfx.models.deep3d import bfm_vertices
     from gmfx.pipeline import RecordingSummary, run_pipeline
     from gmfx.preproc import MOTION_PARAMS, align, epoch, filter, interpolate, open_recon
     from gmfx.preproc import evoked, to_mne
@@ -78,6 +79,7 @@ _LAZY = {
     "Identity": "gmfx.models",
     "emica_vertices": "gmfx.models.emica",
     "detail_displacements": "gmfx.models.emica",
+    "bfm_vertices": "gmfx.models.deep3d",
     "RecordingSummary": "gmfx.pipeline",
     "run_pipeline": "gmfx.pipeline",
     "MOTION_PARAMS": "gmfx.preproc",
@@ -166,6 +168,7 @@ __all__ = [
     "Identity",
     "emica_vertices",
     "detail_displacements",
+    "bfm_vertices",
     # analysis (lazy): design from events, mass-univariate GLM, group level, generated movements, components
     "Design",
     "build_design",

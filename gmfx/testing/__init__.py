@@ -13,7 +13,8 @@
   :func:`write_model_dir`, :func:`write_flame_pkl`, ...);
 - preprocessed recordings with a known response to each condition (:func:`synthetic_responses`);
 - meshes to render at known poses, and a photo's face re-rendered at a known yaw and pitch
-  (:func:`random_face_meshes`, :func:`textured_face`, :func:`rotation`).
+  (:func:`random_face_meshes`, :func:`textured_face`, :func:`rotation`);
+- BFM-family files in the official formats with random values (:func:`write_bfm_model`, ...).
 """
 
 from gmfx.testing._backends import BrightSquareBackend, GpuBrightSquareBackend, check_backend
@@ -32,6 +33,7 @@ from gmfx.testing._responses import SyntheticResponses, synthetic_responses
 from gmfx.testing._synthetic import SyntheticFace, synthetic_face, synthetic_recon_dataset, write_synthetic_recon
 from gmfx.testing._videos import frame_pattern, read_frame_number, write_bids_recording, write_video
 from gmfx.testing._render import random_face_meshes, rotation, textured_face
+from gmfx.testing._bfm_files import write_bfm09_sources, write_bfm_lm3d, write_bfm_model, write_deep3d_checkpoint, write_deep3d_model_dir
 
 __all__ = [
     "BrightSquareBackend",
@@ -62,4 +64,10 @@ __all__ = [
     "random_face_meshes",
     "rotation",
     "textured_face",
+    # BFM family (Deep3DFaceRecon, 3DMM fitting)
+    "write_bfm09_sources",
+    "write_bfm_lm3d",
+    "write_bfm_model",
+    "write_deep3d_checkpoint",
+    "write_deep3d_model_dir",
 ]
