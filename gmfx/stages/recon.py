@@ -10,7 +10,6 @@ more than one face, segments are tracked independently and then given one shared
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +23,7 @@ from distributed import Client
 
 from gmfx._errors import GmfxWarning, ModelError, ParameterError, StorageError, parameter
 from gmfx._execute import StorePlan, run_tasks
+from gmfx._threads import limit_threads
 from gmfx._version import __version__
 from gmfx.cluster import GPU_FIX, require_resource, resolve_device
 from gmfx.dataset import Recording
@@ -239,9 +239,9 @@ def reconstruct_region(
     store_vertices: bool = True,
 ) -> int:
     """Task body: reconstruct ``region`` of the frames and write it; return the frames with a face."""
+    limit_threads(1)  # one core per Dask thread, whatever started the worker (gmfx._threads)
     model = load_backend(backend, device, dict(options))
-    if device == "cpu" and "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)  # one core per worker process on CPU
+    limit_threads(1)  # and for the libraries the model's first load imported
     model.reset()
     faces: list[list[Face]] = []
     for start, batch in _read_ahead(_frames_array(frames_location), region, batch_size, where=frames_location.url):
