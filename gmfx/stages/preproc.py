@@ -134,7 +134,10 @@ def _template(ds: xr.Dataset, chunk: int, vertex_chunk: int | None) -> xr.Datase
         chunks = {0: chunk, **({array.dims.index("vertex"): vertex_chunk} if vertex_chunk and "vertex" in array.dims else {})}
         chunks = tuple(chunks.get(axis, -1) for axis in range(array.ndim))
         template[name] = (array.dims, da.zeros(array.shape, dtype=array.dtype, chunks=chunks), array.attrs)
-    computed = {name: _portable_strings(template[name].compute()) for name in template.variables if name not in timed}
+    rest = [name for name in template.variables if name not in timed]
+    # one computation for all of them: on a distributed client each compute is a round trip (the example's
+    # preproc and epochs made 12 of them here, for a few kB of topology and coordinates)
+    computed = {name: _portable_strings(value) for name, value in zip(rest, dask.compute(*(template[name] for name in rest)), strict=True)}
     return template.assign(**{n: c for n, c in computed.items() if n in template.data_vars}).assign_coords(
         **{n: c for n, c in computed.items() if n in template.coords}
     )
