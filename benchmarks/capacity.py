@@ -14,7 +14,8 @@ input, so the decode benchmark's layouts drop in. The model:
 * stage by stage (what ``gmfx run`` does today: each stage waits for the previous one over the whole
   study) the wall time is the sum of each stage's own limit; overlapped (decode of one recording while
   another is reconstructed), it is the largest demand on any one resource: CPU, GPU, the nodes' network
-  (every byte written is read back once by the next stage), or the Dask scheduler (per-task cost);
+  (every byte written is read back once by the next stage), the Dask scheduler (per-task cost) or the
+  client process, which plans, writes templates and finalizes each recording's stores one after another;
 * objects: every chunk, or every shard when sharded, is one object per variable; requests: one PUT per
   object (5 MiB multipart parts above 5 MiB) and one GET per chunk read (plus one shard-index GET per
   shard and reading task when sharded), per stage that writes or reads it.
@@ -40,6 +41,7 @@ DEFAULTS = {
     "recon_bytes_per_frame": (1.2e3, "FLAME codes (~300 float32) + pose matrix, codes-only store"),
     "preproc_bytes_per_frame": (50e3, "5,023 x 3 float32 vertices + motion, byte-shuffled LZ4 at ~84%"),
     "scheduler_s_per_task": (1e-3, "Dask's documented overhead per task (~1 ms)"),
+    "client_s_per_recording": (2.5, "the example pipeline, 1 worker: 5.2 s of stages, 2.7 s of it in tasks (loaded 2-core box)"),
 }
 
 
@@ -69,6 +71,8 @@ def stage_costs(results: dict[str, dict], overrides: dict[str, float | None]) ->
     found("gpu_s_per_frame", feeding.get("gpu_s_per_frame"), "benchmarks/results/gpu_feeding.json")
     found("preproc_core_s_per_frame", costs.get("preproc", {}).get("preproc", {}).get("core_s_per_frame"),
           "benchmarks/results/preproc.json")  # fmt: skip
+    found("client_s_per_recording", costs.get("pipeline", {}).get("pipeline", {}).get("client_s_per_recording"),
+          "benchmarks/results/pipeline.json")  # fmt: skip
     for key, value in overrides.items():
         found(key, value, "command line")
     return Costs(values, sources)
@@ -113,11 +117,13 @@ def project(nodes: int, args: argparse.Namespace, costs: Costs) -> dict[str, obj
         "GPU": frames * c["gpu_s_per_frame"] / gpus,
         "network": bytes_moved / network,
         "scheduler": tasks * c["scheduler_s_per_task"],
+        "client": recordings * c["client_s_per_recording"],  # one gmfx process plans, writes templates, finalizes
     }
     stage_by_stage = {
         "decode": frames * cpu_work["decode"] / cores,
         "recon": max(frames * c["gpu_s_per_frame"] / gpus, frames * cpu_work["recon (CPU side)"] / cores),
         "preproc": frames * cpu_work["preproc"] / cores,
+        "client (between stages)": recordings * c["client_s_per_recording"],
     }
     store = objects_and_requests(frames, recordings, bytes_per_frame=c["frames_bytes_per_frame"],
                                  frames_per_chunk=args.frames_per_chunk, frames_per_shard=args.frames_per_shard,
