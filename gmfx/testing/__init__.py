@@ -6,18 +6,21 @@
   (:func:`synthetic_face`, :func:`write_synthetic_recon`);
 - a real S3-compatible server on 127.0.0.1 (:func:`local_s3_server`; needs the ``test`` extra);
 - fault injection for storage (:class:`FlakyFileSystem`, ``flaky://`` URLs);
-- a conformance check for reconstruction backends (:func:`check_backend`) and two tiny real backends;
+- a conformance check for reconstruction backends (:func:`check_backend`) and tiny real backends
+  (one with a per-face identity: :class:`ColourIdentityBackend`);
 - a real-face video with known head motion (:func:`astronaut_motion`; needs scikit-image);
 - face-model files in the official formats with random values (FLAME, DECA, EMOCA:
   :func:`write_model_dir`, :func:`write_flame_pkl`, ...);
 - preprocessed recordings with a known response to each condition (:func:`synthetic_responses`);
 - meshes to render at known poses, and a photo's face re-rendered at a known yaw and pitch
-  (:func:`random_face_meshes`, :func:`textured_face`, :func:`rotation`).
+  (:func:`random_face_meshes`, :func:`textured_face`, :func:`rotation`);
+- BFM-family files in the official formats with random values (:func:`write_bfm_model`, ...).
 """
 
 from gmfx.testing._backends import BrightSquareBackend, GpuBrightSquareBackend, check_backend
 from gmfx.testing._faces import FaceMotion, astronaut_motion
 from gmfx.testing._flaky import FlakyFileSystem
+from gmfx.testing._identity import ColourIdentityBackend
 from gmfx.testing._model_files import (
     write_deca_model,
     write_emoca_model,
@@ -30,9 +33,11 @@ from gmfx.testing._responses import SyntheticResponses, synthetic_responses
 from gmfx.testing._synthetic import SyntheticFace, synthetic_face, synthetic_recon_dataset, write_synthetic_recon
 from gmfx.testing._videos import frame_pattern, read_frame_number, write_bids_recording, write_video
 from gmfx.testing._render import random_face_meshes, rotation, textured_face
+from gmfx.testing._bfm_files import write_bfm_lm3d, write_bfm_model
 
 __all__ = [
     "BrightSquareBackend",
+    "ColourIdentityBackend",
     "FaceMotion",
     "FlakyFileSystem",
     "GpuBrightSquareBackend",
@@ -59,4 +64,7 @@ __all__ = [
     "random_face_meshes",
     "rotation",
     "textured_face",
+    # BFM family (Deep3DFaceRecon, 3DMM fitting)
+    "write_bfm_lm3d",
+    "write_bfm_model",
 ]
