@@ -189,7 +189,7 @@ def main() -> None:
                    baseline=f"in-memory peak RSS, {case}", echo=False)  # fmt: skip
         if np.isfinite(naive_time):
             report.add(f"in-memory, {case}", naive_time, "s", echo=False)
-        if run != "?":
+        if run != "?" and minutes == max(args.lengths):  # the longest run: fixed costs matter least
             report.stage_cost("analysis", "core_s_per_frame", float(run) * (os.cpu_count() or 1) / frames)
         if not args.keep_data:
             shutil.rmtree(source, ignore_errors=True)
