@@ -187,3 +187,15 @@ def test_layer_is_differentiable_in_every_code(layer):
     out = layer(codes, colours=True)
     (out["landmarks"].sum() + out["colour"].sum()).backward()
     assert all(torch.isfinite(v.grad).all() and v.grad.abs().sum() > 0 for v in codes.values())
+
+
+def test_model_directory_takes_either_name(tmp_path, small_file):
+    from gmfx.models._bfm import load_bfm
+    from gmfx.storage import Location
+
+    (tmp_path / "BFM").mkdir()
+    (tmp_path / "BFM" / "BFM09_model_info.mat").write_bytes(small_file.read_bytes())  # 3DMM-Fitting's name
+    assert load_bfm(Location(str(tmp_path))).n_vertices == N_SMALL
+    with pytest.raises(ModelError, match=r"BFM front model .* is missing") as error:
+        load_bfm(Location(str(tmp_path / "elsewhere")))
+    assert "import-bfm" in error.value.fix

@@ -21,20 +21,26 @@ The layer follows the published model (Paysan et al. 2009; Deng et al. 2019, sec
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
 
 from gmfx._errors import ModelError
+from gmfx.models._files import ModelFile, read_model_file
+from gmfx.storage import Location
 
 __all__ = [
     "BFM_CODES",
+    "BFM_FILE",
     "BfmLayer",
     "BfmModel",
     "bfm_from_dict",
     "euler_rotation",
+    "load_bfm",
     "merge_coefficients",
     "read_bfm",
     "split_coefficients",
@@ -52,6 +58,15 @@ FOCAL = 1015.0
 CENTRE = 112.0
 CAMERA_DISTANCE = 10.0
 _FIX = "use BFM_model_front.mat / BFM09_model_info.mat as Deep3DFaceRecon or 3DMM-Fitting write it, or `gmfx models import-bfm`"
+
+BFM_FILE = ModelFile(
+    "bfm",
+    ("BFM/BFM_model_front.mat", "BFM/BFM09_model_info.mat"),
+    "BFM front model (BFM 2009 + expression bases)",
+    "register at https://faces.dmi.unibas.ch/bfm/ for BFM 2009 (01_MorphableModel.mat), take Exp_Pca.bin from "
+    "https://github.com/Juyong/3DFace and the BFM/ folder of https://github.com/sicxu/Deep3DFaceRecon_pytorch, then "
+    "`gmfx models import-bfm FOLDER` writes BFM/BFM_model_front.mat (or copy the BFM_model_front.mat Deep3DFaceRecon made)",
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -164,6 +179,17 @@ def read_bfm(data: bytes, *, where: str) -> BfmModel:
     except Exception as error:  # noqa: BLE001 - scipy raises many types on broken or v7.3 (HDF5) files
         raise ModelError(f"the BFM file cannot be read as a MATLAB 5 file ({type(error).__name__}: {error})", where=where, fix=_FIX) from None
     return bfm_from_dict(content, where=where)
+
+
+@lru_cache(maxsize=4)
+def _load_bfm(url: str, storage_options: str) -> BfmModel:
+    data, where = read_model_file(Location(url, json.loads(storage_options)), BFM_FILE)
+    return read_bfm(data, where=where)
+
+
+def load_bfm(root: Location) -> BfmModel:
+    """The BFM front model of the model directory ``root`` (:data:`BFM_FILE`; read once per process)."""
+    return _load_bfm(root.url, json.dumps(root.storage_options, sort_keys=True, default=str))
 
 
 def split_coefficients(coefficients: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -33,7 +33,7 @@ from gmfx.testing._responses import SyntheticResponses, synthetic_responses
 from gmfx.testing._synthetic import SyntheticFace, synthetic_face, synthetic_recon_dataset, write_synthetic_recon
 from gmfx.testing._videos import frame_pattern, read_frame_number, write_bids_recording, write_video
 from gmfx.testing._render import random_face_meshes, rotation, textured_face
-from gmfx.testing._bfm_files import write_bfm_lm3d, write_bfm_model
+from gmfx.testing._bfm_files import write_bfm09_sources, write_bfm_lm3d, write_bfm_model, write_deep3d_checkpoint, write_deep3d_model_dir
 
 __all__ = [
     "BrightSquareBackend",
@@ -65,6 +65,9 @@ __all__ = [
     "rotation",
     "textured_face",
     # BFM family (Deep3DFaceRecon, 3DMM fitting)
+    "write_bfm09_sources",
     "write_bfm_lm3d",
     "write_bfm_model",
+    "write_deep3d_checkpoint",
+    "write_deep3d_model_dir",
 ]

@@ -3,6 +3,8 @@
 * :func:`write_bfm_model`: ``BFM_model_front.mat`` / ``BFM09_model_info.mat`` (MATLAB 5, the keys,
   shapes, dtypes and 1-based ids of Deep3DFaceRecon's ``transferBFM09``), on a valid face-shaped mesh;
 * :func:`write_bfm_lm3d`: Deep3DFaceRecon's ``similarity_Lm3D_all.mat`` (the 68 mean 3D landmarks);
+* :func:`write_bfm09_sources`: the original BFM 2009 + expression files a front model is converted from;
+* :func:`write_deep3d_checkpoint`: Deep3DFaceRecon's ``epoch_20.pth``; :func:`write_deep3d_model_dir`: all of them;
 * :func:`bfm_mesh`: the mesh behind them (a Delaunay triangulation of a disc bent into a face).
 """
 
@@ -12,7 +14,17 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["BFM_FACES", "BFM_VERTICES", "bfm_mesh", "face_landmark_layout", "write_bfm_lm3d", "write_bfm_model"]
+__all__ = [
+    "BFM_FACES",
+    "BFM_VERTICES",
+    "bfm_mesh",
+    "face_landmark_layout",
+    "write_bfm09_sources",
+    "write_bfm_lm3d",
+    "write_bfm_model",
+    "write_deep3d_checkpoint",
+    "write_deep3d_model_dir",
+]
 
 #: the front model's size: 35709 vertices, 70789 triangles, 8 triangles per vertex in ``point_buf``
 BFM_VERTICES, BFM_FACES, POINT_BUF_WIDTH = 35709, 70789, 8
@@ -149,3 +161,99 @@ def write_bfm_lm3d(path: str | Path, model_path: str | Path) -> Path:
     path = Path(path)
     scipy.io.savemat(path, {"lm": mean[keypoints].astype(np.float32)})
     return path
+
+
+def write_bfm09_sources(folder: str | Path, front_model: str | Path, *, n_exp_model: int | None = None, n_bfm: int | None = None,
+                        seed: int = 0) -> Path:  # fmt: skip
+    """Write the original files a front model is made from, such that converting them gives back
+    ``front_model`` (a file of :func:`write_bfm_model`): ``01_MorphableModel.mat`` (199 components, single
+    precision, micrometres), ``Exp_Pca.bin`` (int32 79, float32 mean and 79 rows of components),
+    ``std_exp.txt``, ``BFM_front_idx.mat`` (``idx``), ``BFM_exp_idx.mat`` (``trimIndex``) and
+    ``facemodel_info.mat``, the front vertices scattered at random among ``n_exp_model`` expression-model
+    and ``n_bfm`` BFM vertices (default: 1.5 and 1.6 times as many)."""
+    import scipy.io
+
+    rng = np.random.default_rng(seed)
+    front = scipy.io.loadmat(str(front_model))
+    n = front["meanshape"].size // 3
+    n_exp_model = n_exp_model or int(1.5 * n)
+    n_bfm = n_bfm or int(1.6 * n_exp_model)
+    index_exp = rng.permutation(n_exp_model)[:n]  # front vertex -> expression-model vertex
+    trim = rng.permutation(n_bfm)[:n_exp_model]  # expression-model vertex -> BFM vertex
+    index_shape = trim[index_exp]
+
+    def scatter(values: np.ndarray, rows: np.ndarray, total: int, fill_scale: float) -> np.ndarray:
+        """(3n, k) front rows placed at vertices ``rows`` of a (3 total, k) array, random elsewhere."""
+        out = rng.normal(scale=fill_scale, size=(total, 3, values.shape[-1]))
+        out[rows] = values.reshape(n, 3, -1)
+        return out.reshape(3 * total, -1)
+
+    def components(base: np.ndarray, rows: np.ndarray, total: int, scale: float, count: int) -> tuple[np.ndarray, np.ndarray]:
+        deviation = np.sort(rng.uniform(0.5, 2.0, count))[::-1]
+        k = base.shape[1]
+        pc = rng.normal(scale=1e-3, size=(3 * total, count))
+        pc[:, :k] = scatter(base.astype(np.float64) * scale / deviation[:k], rows, total, 1e-3)
+        return pc, deviation
+
+    shape_pc, shape_ev = components(front["idBase"], index_shape, n_bfm, 1e5, 199)
+    tex_pc, tex_ev = components(front["texBase"], index_shape, n_bfm, 1.0, 199)
+    exp_pc, exp_std = components(front["exBase"], index_exp, n_exp_model, 1e5, 79)
+    f32 = np.float32
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    scipy.io.savemat(folder / "01_MorphableModel.mat", {
+        "shapeMU": scatter(front["meanshape"].reshape(-1, 1).astype(np.float64) * 1e5, index_shape, n_bfm, 1e4).astype(f32),
+        "shapePC": shape_pc.astype(f32), "shapeEV": shape_ev.reshape(-1, 1).astype(f32),
+        "texMU": scatter(front["meantex"].reshape(-1, 1), index_shape, n_bfm, 50).astype(f32),
+        "texPC": tex_pc.astype(f32), "texEV": tex_ev.reshape(-1, 1).astype(f32),
+    })  # fmt: skip
+    exp_mean = rng.normal(scale=1e3, size=3 * n_exp_model)
+    payload = np.concatenate([exp_mean, exp_pc.T.reshape(-1)]).astype("<f4")
+    (folder / "Exp_Pca.bin").write_bytes(np.array([79], "<i4").tobytes() + payload.tobytes())
+    np.savetxt(folder / "std_exp.txt", exp_std)
+    scipy.io.savemat(folder / "BFM_front_idx.mat", {"idx": (index_exp + 1).reshape(-1, 1).astype(f32)})
+    scipy.io.savemat(folder / "BFM_exp_idx.mat", {"trimIndex": (trim + 1).reshape(-1, 1).astype(np.uint16 if n_bfm < 65536 else np.int64)})
+    info = {key: front[key] for key in ("tri", "point_buf", "tri_mask2", "keypoints", "frontmask2_idx", "skinmask")}
+    info["frontmask2"] = front["skinmask"]  # the original also holds this key, which the conversion drops
+    scipy.io.savemat(folder / "facemodel_info.mat", info)
+    return folder
+
+
+def write_deep3d_checkpoint(path: str | Path, *, coefficients: np.ndarray | None = None, head_scale: float = 0.0, seed: int = 0) -> Path:
+    """Write Deep3DFaceRecon's ``epoch_20.pth``: ``torch.save`` of ``{'net_recon': state dict, 'opt_00',
+    'sched_00'}``, the network a torchvision-layout ResNet-50 (``backbone.*``, no ``fc``) with seven 1x1
+    heads (``final_layers.0..6``: 80, 64, 80, 3, 27, 2, 1 outputs). Random backbone; the heads' weights
+    are ``head_scale`` x N(0, 1/2048) (0: zero, as initialised upstream) and their biases
+    ``coefficients`` (257; default zero), so the network predicts ``coefficients`` for any image
+    when ``head_scale`` is 0 (~95 MB)."""
+    import torch
+
+    from gmfx.models.deep3d import ReconNet
+    from gmfx.testing._model_files import _random_state
+
+    rng = np.random.default_rng(seed)
+    state = _random_state(ReconNet(), rng, scale=1.0)
+    bias = np.zeros(257) if coefficients is None else np.asarray(coefficients, np.float64).reshape(257)
+    start = 0
+    for index, size in enumerate((80, 64, 80, 3, 27, 2, 1)):
+        weight = rng.normal(scale=head_scale / np.sqrt(2048), size=(size, 2048, 1, 1))
+        state[f"final_layers.{index}.weight"] = torch.from_numpy(weight.astype(np.float32))
+        state[f"final_layers.{index}.bias"] = torch.from_numpy(bias[start : start + size].astype(np.float32))
+        start += size
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"net_recon": state, "opt_00": {"state": {}, "param_groups": []}, "sched_00": {"last_epoch": 20}}, path)
+    return path
+
+
+def write_deep3d_model_dir(root: str | Path, *, n_vertices: int = 1500, n_faces: int | None = None, coefficients: np.ndarray | None = None,
+                           head_scale: float = 0.0, seed: int = 0) -> Path:  # fmt: skip
+    """A model directory for ``--model deep3d`` (and ``bfm-fit``): ``BFM/BFM_model_front.mat`` (small by
+    default), ``BFM/similarity_Lm3D_all.mat`` and ``Deep3DFaceRecon/face_recon_feat0.2_augment/epoch_20.pth``."""
+    root = Path(root)
+    (root / "BFM").mkdir(parents=True, exist_ok=True)
+    model = write_bfm_model(root / "BFM" / "BFM_model_front.mat", n_vertices=n_vertices, n_faces=n_faces, seed=seed)
+    write_bfm_lm3d(root / "BFM" / "similarity_Lm3D_all.mat", model)
+    write_deep3d_checkpoint(root / "Deep3DFaceRecon" / "face_recon_feat0.2_augment" / "epoch_20.pth",
+                            coefficients=coefficients, head_scale=head_scale, seed=seed)  # fmt: skip
+    return root
