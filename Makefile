@@ -27,8 +27,13 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# every benchmark at its default sizes (each writes benchmarks/results/<name>.json), then the capacity
+# projection from their figures, then one markdown table of all of them (benchmarks/results/TABLE.md)
+BENCHMARKS = $(filter-out benchmarks/capacity.py,$(sort $(wildcard benchmarks/[a-z]*.py)))
 benchmarks: install
-	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
+	for b in $(BENCHMARKS); do $(BIN)/python $$b || exit 1; done
+	$(BIN)/python benchmarks/capacity.py
+	$(BIN)/python benchmarks/_table.py | tee benchmarks/results/TABLE.md
 
 clean:
 	rm -rf $(VENV) gmfx-example .pytest_cache .hypothesis

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import Report
 
 WORK = Path(__file__).parent / "_work"
 VERTICES, FPS, CHUNK, LAGS, CONDITIONS = 5023, 30.0, 1024, 60, ("a", "b", "c", "d")
@@ -40,7 +41,7 @@ def make_store(minutes: float) -> tuple[Path, Path]:
     import pandas as pd
     import xarray as xr
 
-    from gmfx.stages.preproc import _BLOCK_BYTES, _MIN_BLOCKS
+    from gmfx.stages.preproc import vertex_block_size
 
     path, events_path = WORK / f"preproc_{minutes:g}min.zarr", WORK / f"events_{minutes:g}min.tsv"
     n = int(minutes * 60 * FPS)
@@ -51,7 +52,7 @@ def make_store(minutes: float) -> tuple[Path, Path]:
     if (path / "zarr.json").exists() and events_path.exists():
         return path, events_path
     events.to_csv(events_path, sep="\t", index=False)
-    block = int(max(1, min(-(-VERTICES // _MIN_BLOCKS), _BLOCK_BYTES // (4 * n * 3))))  # as the preproc stage's filter writes
+    block = vertex_block_size(n, 1, VERTICES, 3)  # as the preproc stage's filter writes
     starts = np.rint(onsets * FPS).astype(int)
     types = np.searchsorted(CONDITIONS, events["trial_type"].to_numpy())
     lag = np.arange(LAGS) / FPS
@@ -167,6 +168,7 @@ def main() -> None:
     print("gmfx runs on a LocalCluster of one single-threaded worker per core, started inside the timed run "
           "(start s: the cluster's start; fit s: glm + store writes on the started cluster)")
     print(f"{'length':>8} {'naive s':>9} {'naive GB':>9} {'gmfx s':>9} {'gmfx GB':>8} {'time ratio':>11} {'mem ratio':>10} {'start s':>8} {'fit s':>6}")
+    report = Report("analysis", args)
     for minutes in args.lengths:
         source, events = make_store(minutes)
         gmfx_time, gmfx_mem = measure("gmfx", source, events)
@@ -179,9 +181,20 @@ def main() -> None:
         startup, run = STARTUP.read_text().split() if STARTUP.exists() else ("?", "?")
         STARTUP.unlink(missing_ok=True)
         print(f"{minutes:>6g} m {naive_time:>9.1f} {naive_mem:>9.2f} {gmfx_time:>9.1f} {gmfx_mem:>8.2f} {ratios} {startup:>8} {run:>6}", flush=True)
+        frames = int(minutes * 60 * FPS)
+        case = f"{minutes:g} min"
+        report.add(f"gmfx, {case}", gmfx_time, "s", ratio=naive_time / gmfx_time if np.isfinite(naive_time) else None,
+                   baseline=f"in-memory, {case}", echo=False)  # fmt: skip
+        report.add(f"gmfx peak RSS, {case}", gmfx_mem, "GB", ratio=naive_mem / gmfx_mem if np.isfinite(naive_mem) else None,
+                   baseline=f"in-memory peak RSS, {case}", echo=False)  # fmt: skip
+        if np.isfinite(naive_time):
+            report.add(f"in-memory, {case}", naive_time, "s", echo=False)
+        if run != "?" and minutes == max(args.lengths):  # the longest run: fixed costs matter least
+            report.stage_cost("analysis", "core_s_per_frame", float(run) * (os.cpu_count() or 1) / frames)
         if not args.keep_data:
             shutil.rmtree(source, ignore_errors=True)
     print("ratios: naive / gmfx (above 1 = gmfx faster / lighter)")
+    report.write()
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import Report
 
 WORK = Path(__file__).parent / "_work"
 VERTICES, FPS, CHUNK = 5023, 30.0, 1024
@@ -179,6 +180,7 @@ def main() -> None:
     print("gmfx runs on a LocalCluster of one single-threaded worker process per core, started inside the timed run")
     print("in-memory: the same chain in plain NumPy/SciPy on whole arrays (mean kept, zero-phase, -3 dB cut-offs)")
     print(f"{'length':>8} {'naive s':>9} {'naive GB':>9} {'gmfx s':>9} {'gmfx GB':>8} {'time ratio':>11} {'mem ratio':>10} {'start s':>8} {'run s':>6}")
+    report = Report("preproc", args)
     for minutes in args.lengths:
         source = make_store(minutes)
         gmfx_time, gmfx_mem = measure("gmfx", source)
@@ -191,7 +193,18 @@ def main() -> None:
         startup, run = STARTUP.read_text().split() if STARTUP.exists() else ("?", "?")
         STARTUP.unlink(missing_ok=True)
         print(f"{minutes:>6g} m {naive_time:>9.1f} {naive_mem:>9.2f} {gmfx_time:>9.1f} {gmfx_mem:>8.2f} {ratios} {startup:>8} {run:>6}", flush=True)
+        frames = int(minutes * 60 * FPS)
+        case = f"{minutes:g} min"
+        report.add(f"gmfx, {case}", gmfx_time, "s", ratio=naive_time / gmfx_time if np.isfinite(naive_time) else None,
+                   baseline=f"in-memory, {case}", echo=False)  # fmt: skip
+        report.add(f"gmfx peak RSS, {case}", gmfx_mem, "GB", ratio=naive_mem / gmfx_mem if np.isfinite(naive_mem) else None,
+                   baseline=f"in-memory peak RSS, {case}", echo=False)  # fmt: skip
+        if np.isfinite(naive_time):
+            report.add(f"in-memory, {case}", naive_time, "s", echo=False)
+        if run != "?" and minutes == max(args.lengths):  # the longest run: fixed costs matter least
+            report.stage_cost("preproc", "core_s_per_frame", float(run) * (os.cpu_count() or 1) / frames)
     print("ratios: in-memory (naive) / gmfx (above 1 = gmfx faster / lighter)")
+    report.write()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ decoded once into a frames store; then, in the same run:
   and pose fits, tracking and writes are).
 
 Run: ``python benchmarks/recon.py [--frames 1800]``. Prints frames/s and the ratios to the baseline
-(targets: >= 0.85 with 1 worker, >= 1.6 with 2 on a machine with 2 free cores).
+(targets: >= 0.9 with 1 worker, >= 1.6 with 2 on a machine with 2 free cores) and writes them, with
+the workers' CPU seconds per frame, to ``benchmarks/results/recon.json``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import tempfile
 import time
 
 import numpy as np
+
+from _common import Report
 
 from gmfx.dataset import find_recordings
 from gmfx.stages.decode import run_decode
@@ -70,16 +73,18 @@ def baseline(frames_store: Location) -> float:
     return time.perf_counter() - start
 
 
-def gmfx_recon(recordings, out: Location, workers: int) -> float:
-    """Seconds for ``recon`` on a fresh local cluster of ``workers`` processes (start-up not timed)."""
+def gmfx_recon(recordings, out: Location, workers: int) -> tuple[float, float]:
+    """Wall seconds for ``recon`` on a fresh local cluster of ``workers`` processes (start-up not
+    timed), and the CPU seconds its workers spent."""
     from distributed import Client, LocalCluster
 
     with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
         client.wait_for_workers(workers)
         client.run(importlib.import_module, "mediapipe")
+        cpu = sum(client.run(time.process_time).values())
         start = time.perf_counter()
         run_recon(recordings, out, client=client, overwrite=True, progress=False)
-        return time.perf_counter() - start
+        return time.perf_counter() - start, sum(client.run(time.process_time).values()) - cpu
 
 
 def main() -> None:
@@ -98,13 +103,16 @@ def main() -> None:
             run_decode(recordings, out, client=client, progress=False)
         frames_store = store_location(out, recordings[0], "decode")
         n = args.frames
+        report = Report("recon", args)
+        report.note(f"frames: {n} (640x360, MediaPipe face mesh 478 points)")
         plain = baseline(frames_store)
-        one = gmfx_recon(recordings, out, 1)
-        two = gmfx_recon(recordings, out, 2)
-        print(f"frames: {n} (640x360, MediaPipe face mesh 478 points)")
-        print(f"plain loop      : {n / plain:7.1f} frames/s")
-        print(f"gmfx, 1 worker  : {n / one:7.1f} frames/s   ratio {plain / one:.2f}  (target >= 0.85)")
-        print(f"gmfx, 2 workers : {n / two:7.1f} frames/s   ratio {plain / two:.2f}  (target >= 1.6)")
+        one, one_cpu = gmfx_recon(recordings, out, 1)
+        two, _ = gmfx_recon(recordings, out, 2)
+        report.add("plain loop", n / plain, "frames/s")
+        report.add("gmfx, 1 worker", n / one, "frames/s", ratio=plain / one, baseline="plain loop", target=0.9)
+        report.add("gmfx, 2 workers", n / two, "frames/s", ratio=plain / two, baseline="plain loop", target=1.6)
+        report.stage_cost("recon_mediapipe", "cpu_s_per_frame", one_cpu / n)
+        report.write()
 
 
 if __name__ == "__main__":

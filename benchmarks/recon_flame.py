@@ -31,6 +31,7 @@ import threading
 import time
 
 import numpy as np
+from _common import Report
 
 from gmfx.dataset import find_recordings
 from gmfx.stages.decode import run_decode
@@ -156,12 +157,19 @@ def main() -> None:
             run_decode(recordings, out, client=client, progress=False)
         frames_store = store_location(out, recordings[0], "decode")
         n = args.frames
+        report = Report("recon_flame" if (args.model, args.mode) == ("deca", "coarse") else f"recon_flame_{args.model}_{args.mode}", args)
         print(f"{args.model} {args.mode}, {n} frames 640x360, device {args.device}, precision {args.precision}, FLAME from {model_dir}")
         for batch in args.batch_sizes:
             plain = plain_loop(frames_store, model, model_dir, args.device, batch, args.precision)
             ours, utilisation = gmfx_recon(recordings, out, model, model_dir, args.device, batch, args.precision, args.save_vertices)
             busy = f"   GPU busy {utilisation:.0f}%" if utilisation is not None else ""
             print(f"batch {batch:4d}: plain loop {n / plain:8.1f} frames/s   gmfx {n / ours:8.1f} frames/s   ratio {plain / ours:.2f}{busy}")
+            report.add(f"plain loop, batch {batch}", n / plain, "frames/s", echo=False)
+            report.add(f"gmfx, batch {batch}", n / ours, "frames/s", ratio=plain / ours, baseline=f"plain loop, batch {batch}",
+                       gpu_busy_percent=utilisation, echo=False)  # fmt: skip
+            stage = "recon_flame_gpu" if args.device.startswith("cuda") else "recon_flame_cpu"
+            report.stage_cost(stage, f"wall_s_per_frame_batch_{batch}", ours / n)
+        report.write()
 
 
 if __name__ == "__main__":

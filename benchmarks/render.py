@@ -26,6 +26,7 @@ import argparse
 import time
 
 import numpy as np
+from _common import Report
 
 from gmfx.render import CpuRasterizer, shade
 from gmfx.testing._render import random_face_meshes
@@ -87,6 +88,7 @@ def main() -> None:
     parser.add_argument("--topologies", nargs="+", default=["mediapipe", "flame"], choices=["mediapipe", "flame"])
     args = parser.parse_args()
 
+    report = Report("render", args)
     cpu = CpuRasterizer()
     gpu = None
     try:
@@ -121,11 +123,19 @@ def main() -> None:
             ids = cpu.rasterize(vertices[:n_reference], tris, width=width, height=height).triangle
             same = float(np.mean(ids == np.stack(reference_ids)))
             gpu_rate = ""
+            case = f"{topology} {size}"
+            report.add(f"reference, {case}", reference, "frames/s", echo=False)
+            report.add(f"gmfx cpu, {case}", fast, "frames/s", ratio=fast / reference, baseline=f"reference, {case}",
+                       same_pixels=same, echo=False)  # fmt: skip
+            report.add(f"gmfx cpu + shading, {case}", shaded, "frames/s", echo=False)
             if gpu is not None:
-                gpu_rate = f"{on_gpu_rate(gpu, vertices, tris, width, height):17.0f} / {rate(lambda: gpu.rasterize(vertices, tris, width=width, height=height), len(vertices)):.0f}"
+                on_gpu, to_numpy = on_gpu_rate(gpu, vertices, tris, width, height), rate(lambda: gpu.rasterize(vertices, tris, width=width, height=height), len(vertices))
                 gpu_same = float(np.mean(gpu.rasterize(vertices[:n_reference], tris, width=width, height=height).triangle == ids))
-                gpu_rate += f" (same px as CPU {gpu_same:.4f})"
+                gpu_rate = f"{on_gpu:17.0f} / {to_numpy:.0f} (same px as CPU {gpu_same:.4f})"
+                report.add(f"nvdiffrast on GPU, {case}", on_gpu, "frames/s", same_pixels_as_cpu=gpu_same, echo=False)
+                report.add(f"nvdiffrast to NumPy, {case}", to_numpy, "frames/s", echo=False)
             print(f"{topology:10} {size:9} {reference:14.1f} {fast:13.1f} {fast / reference:6.0f}x {shaded:13.1f} {same:8.4f} {gpu_rate}")
+    report.write()
 
 
 if __name__ == "__main__":

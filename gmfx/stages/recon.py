@@ -23,7 +23,6 @@ bit for bit). A recording in which pass 1 sees no face keeps NaN identity rows a
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +36,7 @@ from distributed import Client
 
 from gmfx._errors import GmfxWarning, ModelError, ParameterError, StorageError, parameter
 from gmfx._execute import StorePlan, run_tasks
+from gmfx._threads import limit_threads
 from gmfx._version import __version__
 from gmfx.cluster import GPU_FIX, require_resource, resolve_device
 from gmfx.dataset import Recording
@@ -391,9 +391,9 @@ def read_identities(location: Location, backend: type[Backend]) -> list[Identity
 
 
 def _worker_model(backend: type[Backend], device: str, options: Mapping[str, Any]) -> Backend:
+    limit_threads(1)  # one core per Dask thread, whatever started the worker (gmfx._threads)
     model = load_backend(backend, device, dict(options))
-    if device == "cpu" and "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)  # one core per worker process on CPU
+    limit_threads(1)  # and for the libraries the model's first load imported
     model.reset()
     return model
 
