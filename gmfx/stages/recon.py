@@ -30,9 +30,9 @@ from gmfx.dataset import Recording
 from gmfx.models import Backend, Face, get_backend, load_backend
 from gmfx.models._output import pack_faces
 from gmfx.models._tracking import segment_ends, stitch_segments
-from gmfx.storage import Location, LocationLike, RegionStore, as_location, open_dataset, plan_token, store_location
+from gmfx.storage import Location, LocationLike, RegionStore, as_location, open_dataset, plan_token, redact, store_location
 from gmfx.storage._fingerprint import require_chunks, store_fingerprint
-from gmfx.storage._retry import is_transient
+from gmfx.storage._retry import retry_transient
 from gmfx.types import STAGES, Region, Task, split_regions
 
 __all__ = ["STAGE", "LowDetectionWarning", "plan_recon", "run_recon", "stitch_store"]
@@ -244,7 +244,7 @@ def reconstruct_region(
         sys.modules["torch"].set_num_threads(1)  # one core per worker process on CPU
     model.reset()
     faces: list[list[Face]] = []
-    for start, batch in _read_ahead(_frames_array(frames_location), region, batch_size, where=frames_location.url):
+    for start, batch in _read_ahead(_frames_array(frames_location), region, batch_size, where=frames_location):
         found = model.reconstruct(batch, max_faces=max_faces)
         if len(found) != len(batch):
             raise ModelError(
@@ -260,24 +260,30 @@ def reconstruct_region(
     return int(arrays["detected"].any(axis=1).sum())
 
 
-def _read_ahead(frames: zarr.Array, region: Region, batch_size: int, *, where: str) -> Iterator[tuple[int, np.ndarray]]:
+def _read_ahead(frames: zarr.Array, region: Region, batch_size: int, *, where: Location) -> Iterator[tuple[int, np.ndarray]]:
     """``(start, frames)`` batches of ``region``; the next batch is read (and decompressed) in a
-    background thread while the caller works on the current one. A chunk that cannot be decoded (a
-    truncated file) raises a :class:`StorageError` naming the store and the chunks."""
+    background thread while the caller works on the current one. Transient failures (a throttled
+    bucket) are retried; a chunk that cannot be decoded (a truncated file) raises a
+    :class:`StorageError` naming the store and the chunks."""
     starts = list(range(region.start, region.stop, batch_size))
 
     def read(start: int) -> np.ndarray:
         stop = min(start + batch_size, region.stop)
         try:
-            return frames[start:stop]
+            return retry_transient(
+                lambda: frames[start:stop],
+                what=f"reading frames {start}-{stop - 1} of the decode store",
+                where=where.url,
+                redactor=lambda text: redact(text, where.storage_options),
+            )
+        except StorageError:
+            raise
         except Exception as error:  # noqa: BLE001
-            if is_transient(error):
-                raise  # the task is retried
             step = frames.chunks[0]
             chunks = ", ".join(f"frames/{frames.metadata.encode_chunk_key((i, 0, 0, 0))}" for i in range(start // step, -(-stop // step)))
             raise StorageError(
                 f"frames {start}-{stop - 1} of the decode store cannot be read ({type(error).__name__}: {error})",
-                where=f"{where} (chunks {chunks})",
+                where=f"{where.url} (chunks {chunks})",
                 fix="the store is damaged: rewrite it with gmfx decode --overwrite, or copy it again",
             ) from error
 

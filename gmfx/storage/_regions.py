@@ -289,7 +289,13 @@ class RegionStore:
                 # than compressing them (measured ~2 ms per 640x360 frame), and a missing chunk then
                 # always means a damaged store
                 array = group[name].with_config({"write_empty_chunks": True})
-                array[selection(name, array, values)] = np.asarray(values, dtype=array.dtype)
+                where = selection(name, array, values)
+                try:
+                    array[where] = np.asarray(values, dtype=array.dtype)
+                except Exception as error:
+                    # an object store's error names no key (S3's "503 SlowDown"): say which chunks were written
+                    error.add_note(f"while writing {self._chunks(name, array, where)}")
+                    raise
             if region is not None:
                 self._mark(region)
 
@@ -297,6 +303,18 @@ class RegionStore:
         retry_transient(
             write, what=what, where=self.location.url, redactor=lambda text: redact(text, self.location.storage_options)
         )
+
+    def _chunks(self, name: str, array: zarr.Array, where: tuple[slice, ...]) -> str:
+        """The URL(s) of the chunks (shards, when sharded) of ``array`` that ``where`` covers."""
+        grid = array.metadata.chunk_grid.chunk_shape
+        bounds = [s.indices(n) for s, n in zip(where, array.shape, strict=True)]
+        first = tuple(start // size for (start, _, _), size in zip(bounds, grid, strict=True))
+        last = tuple(max(start, stop - 1) // size for (start, stop, _), size in zip(bounds, grid, strict=True))
+        url = self.location.child(name).url
+        count = int(np.prod([b - a + 1 for a, b in zip(first, last, strict=True)]))
+        if count == 1:
+            return f"chunk {url}/{array.metadata.encode_chunk_key(first)}"
+        return f"{count} chunks {url}/{array.metadata.encode_chunk_key(first)} to {array.metadata.encode_chunk_key(last)}"
 
     def mark_done(self, index: int) -> None:
         """Record that region ``index`` is written, for a region written in several :meth:`write_block`
