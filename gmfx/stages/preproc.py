@@ -60,6 +60,7 @@ from gmfx.dataset import Recording
 from gmfx.storage import Location, LocationLike, RegionStore, as_location, open_dataset, plan_token, store_location
 from gmfx.storage._fingerprint import file_digest, relative_name, require_chunks, store_fingerprint
 from gmfx.storage._regions import _plan_json
+from gmfx.storage._template import lazy_template
 from gmfx.types import Task
 
 __all__ = ["run_preproc", "run_epochs", "run_chain", "write_lazy", "chain"]
@@ -118,24 +119,7 @@ def _leading(ds: xr.Dataset) -> tuple[str, list[str]]:
 def _template(ds: xr.Dataset, chunk: int, vertex_chunk: int | None) -> xr.Dataset:
     """Every leading-dim variable as lazy zeros chunked by ``chunk`` (and ``vertex_chunk``); the rest computed."""
     lead, timed = _leading(ds)
-    template = ds.copy()
-    for name in template.variables:
-        template[name].encoding = {}
-    for name in timed:
-        array = ds[name]
-        chunks = {0: chunk, **({array.dims.index("vertex"): vertex_chunk} if vertex_chunk and "vertex" in array.dims else {})}
-        chunks = tuple(chunks.get(axis, -1) for axis in range(array.ndim))
-        template[name] = (array.dims, da.zeros(array.shape, dtype=array.dtype, chunks=chunks), array.attrs)
-    computed = {name: _portable_strings(template[name].compute()) for name in template.variables if name not in timed}
-    return template.assign(**{n: c for n, c in computed.items() if n in template.data_vars}).assign_coords(
-        **{n: c for n, c in computed.items() if n in template.coords}
-    )
-
-
-def _portable_strings(array: xr.DataArray) -> xr.DataArray:
-    """Fixed-width unicode (``<U``) has no Zarr v3 specification (zarr warns): store strings as variable-length
-    strings instead, which read back as the same strings."""
-    return array.astype(object) if array.dtype.kind == "U" else array
+    return lazy_template(ds, written=timed, chunks={lead: chunk, **({"vertex": vertex_chunk} if vertex_chunk else {})})
 
 
 def _encoding(ds: xr.Dataset, timed: Sequence[str], *, scratch: bool = False) -> dict[str, dict]:

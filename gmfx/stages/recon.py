@@ -222,7 +222,7 @@ def recon_template(
         "time": ("time", frames["time"].values, frames["time"].attrs),
         "frame": ("time", frames["frame"].values),
         "face": ("face", np.arange(max_faces)),
-        "coord": ("coord", np.array(["x", "y", "z"], dtype=object)),  # variable-length strings (zarr v3 spec)
+        "coord": ("coord", ["x", "y", "z"]),
     }
     return xr.Dataset(data, coords=coords)
 
