@@ -25,7 +25,8 @@ the store is marked complete only when every marker is in.
 Speed (measured on a 2-core box, 5,023 vertices at 30 fps; see ``benchmarks/preproc.py``):
 
 * each region task computes the alignment of its own frames plus the few halo frames interpolation
-  needs (per-frame recipes in :mod:`gmfx.preproc`), never whole neighbouring chunks;
+  needs (``align_with_frames`` hands its per-frame recipes to ``interpolate(frames=...)``), never whole
+  neighbouring chunks;
 * a task's graph is culled, not blockwise-fused by ``dask.optimize`` (fusion would repeat the shared
   fit once per output variable); a whole-recording reference (``first``, ``mean``) is computed once;
 * the filter reads each vertex block with a single rechunk of the scratch store (a chained rechunk
@@ -100,11 +101,16 @@ def _global_references(ds: xr.Dataset, align: Options, client: Client | None) ->
 
 
 def chain(ds: xr.Dataset, *, align: Options = True, interpolate: Options = True, filter: Options = True) -> xr.Dataset:  # noqa: A002
-    """The lazy chain align -> interpolate -> filter with the steps given (``True`` = defaults, a dict = options)."""
-    for step, value in (("align", align), ("interpolate", interpolate), ("filter", filter)):
-        options = _options(value)
-        if options is not None:
-            ds = getattr(ops, step)(ds, **options)
+    """The lazy chain align -> interpolate -> filter with the steps given (``True`` = defaults, a dict = options).
+
+    Interpolation gets align's frame recipes, so that each chunk aligns only the frames it reads."""
+    frames: dict[str, ops.FrameRecipe] = {}
+    if (options := _options(align)) is not None:
+        ds, frames = ops.align_with_frames(ds, **options)
+    if (options := _options(interpolate)) is not None:
+        ds = ops.interpolate(ds, **{"frames": frames, **options})
+    if (options := _options(filter)) is not None:
+        ds = ops.filter(ds, **options)
     return ds
 
 
