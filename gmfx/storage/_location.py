@@ -10,7 +10,7 @@ from typing import Any
 
 import fsspec
 
-from gmfx._errors import hide_url_credentials
+from gmfx._errors import StorageError, hide_url_credentials
 
 __all__ = ["Location", "LocationLike", "as_location", "join_url", "parse_key_values", "parse_storage_options", "redact"]
 
@@ -70,12 +70,10 @@ class Location:
         except Exception as error:  # noqa: BLE001 - e.g. an endpoint that does not answer
             raise self.error("the storage cannot be reached", error) from None
 
-    def error(self, what: str, error: BaseException):
+    def error(self, what: str, error: BaseException) -> StorageError:
         """A :class:`~gmfx.StorageError` saying ``what`` happened here because of ``error``, with every
         credential of the storage options (and of URLs) removed. Raise it ``from None``: the original error
         may quote them."""
-        from gmfx._errors import StorageError
-
         return StorageError(
             f"{what} ({redact(f'{type(error).__name__}: {error}', self.storage_options)})",
             where=self.url,
