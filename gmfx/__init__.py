@@ -38,6 +38,7 @@ if TYPE_CHECKING:  # the same names, imported for type checkers and IDEs
     from gmfx.dataset import Recording, find_recordings
     from gmfx.models import Backend, Topology, available_backends, get_backend, register_backend
     from gmfx.models.deca import flame_vertices
+    from gmfx.models.deep3d import bfm_vertices
     from gmfx.pipeline import RecordingSummary, run_pipeline
     from gmfx.preproc import MOTION_PARAMS, align, epoch, filter, interpolate, open_recon
     from gmfx.preproc import evoked, to_mne
@@ -73,6 +74,7 @@ _LAZY = {
     "get_backend": "gmfx.models",
     "register_backend": "gmfx.models",
     "flame_vertices": "gmfx.models.deca",
+    "bfm_vertices": "gmfx.models.deep3d",
     "RecordingSummary": "gmfx.pipeline",
     "run_pipeline": "gmfx.pipeline",
     "MOTION_PARAMS": "gmfx.preproc",
@@ -158,6 +160,7 @@ __all__ = [
     "get_backend",
     "register_backend",
     "flame_vertices",
+    "bfm_vertices",
     # analysis (lazy): design from events, mass-univariate GLM, group level, generated movements, components
     "Design",
     "build_design",

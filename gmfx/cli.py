@@ -848,6 +848,43 @@ def import_flame(
     typer.echo(f"{target.url} ({model.n_vertices} vertices, {len(model.faces)} triangles, {model.n_expression} expression components)")
 
 
+@models_app.command("import-bfm")
+def import_bfm(
+    folder: Annotated[str, typer.Argument(metavar="FOLDER", help="Folder with 01_MorphableModel.mat, Exp_Pca.bin and Deep3DFaceRecon's BFM/ files.", show_default=False)],
+    model_dir: ModelDirOpt = None,
+    out: Annotated[str | None, typer.Option("--out", "-o", metavar="URL", help="Where to write the .mat [default: BFM/BFM_model_front.mat in the model directory].")] = None,
+    storage_option: StorageOpt = None,
+) -> None:
+    """Convert the original BFM 2009 files once into the front model Deep3D and bfm-fit read.
+
+    FOLDER holds 01_MorphableModel.mat (BFM 2009), Exp_Pca.bin (Guo et al.) and, from the BFM/ folder of
+    Deep3DFaceRecon_pytorch, std_exp.txt, BFM_front_idx.mat, BFM_exp_idx.mat and facemodel_info.mat.
+    The same conversion as Deep3DFaceRecon's transferBFM09. Example:
+
+      gmfx models import-bfm ~/Downloads/BFM --model-dir /lab/models
+    """
+    import scipy.io
+
+    from gmfx.models._bfm import bfm_from_dict
+    from gmfx.models._bfm_convert import convert_bfm09
+    from gmfx.models._files import model_dir as resolve_model_dir
+
+    options = parse_storage_options(storage_option)
+    try:
+        content = convert_bfm09(Location(folder, options))
+        model = bfm_from_dict(content, where=folder)
+        target = Location(out, options) if out else resolve_model_dir(model_dir, options).child("BFM", "BFM_model_front.mat")
+        fs, path = target.filesystem()
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        with target.open("wb") as handle:
+            scipy.io.savemat(handle, content)
+    except GmfxError as error:
+        typer.echo(redact(f"error: {error}", options), err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{target.url} ({model.n_vertices} vertices, {len(model.triangles)} triangles, {model.sizes['id']} identity / "
+               f"{model.sizes['exp']} expression / {model.sizes['tex']} texture components)")  # fmt: skip
+
+
 @app.command()
 def example(
     dest: Annotated[str, typer.Argument(metavar="DEST", help="Folder to write the example dataset to.")] = "gmfx-example",

@@ -12,11 +12,12 @@ from importlib.metadata import entry_points
 from typing import Any
 
 from gmfx._errors import ModelError, parameter
-from gmfx.models._base import Backend, Face, Outputs, Topology
+from gmfx.models._base import Backend, Face, Identity, Outputs, Topology
 
 __all__ = [
     "Backend",
     "Face",
+    "Identity",
     "Outputs",
     "Topology",
     "available_backends",

@@ -11,6 +11,15 @@ The life cycle on a worker process is::
     backend = Backend.load(device, **options)   # once per process (cached by gmfx)
     backend.reset()                             # at the start of every time segment
     faces = backend.reconstruct(frames, max_faces=n)   # per batch, frames in time order
+
+Backends whose model has a per-person identity (MICA's shape, a fitted 3DMM's identity and texture)
+declare it in ``identity``; the stage then runs two passes over each recording::
+
+    found = backend.estimate_identity(frames, max_faces=n)        # pass 1: once per recording, on
+                                                                   # ``identity_frames`` evenly spaced frames
+    faces = backend.reconstruct(frames, max_faces=n, identities=found)   # pass 2: every segment
+
+and stores each identity once, as ``identity_<code>`` (face, <code>_param), with the frames it used.
 """
 
 from __future__ import annotations
@@ -18,11 +27,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 
-__all__ = ["Backend", "Face", "Outputs", "Topology"]
+__all__ = ["Backend", "Face", "Identity", "Outputs", "Topology"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -90,6 +100,10 @@ class Face:
         Code name -> ``(n_params,)`` array, exactly the declared ``Outputs.codes``.
     landmarks
         ``(n_landmarks, 3)`` or ``None`` when the backend declares no landmarks.
+    identity
+        For backends that declare ``Backend.identity``: the index of this face's identity in the
+        ``identities`` given to :meth:`Backend.reconstruct` (the stage stores the face in that slot);
+        ``None`` otherwise.
     """
 
     vertices: np.ndarray
@@ -97,6 +111,27 @@ class Face:
     score: float
     codes: Mapping[str, np.ndarray] = field(default_factory=dict)
     landmarks: np.ndarray | None = None
+    identity: int | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class Identity:
+    """One face's identity over a recording, estimated once (:meth:`Backend.estimate_identity`).
+
+    Attributes
+    ----------
+    codes
+        Code name -> ``(n_params,)`` array, exactly the backend's declared ``Backend.identity``.
+    frames
+        ``(n,)`` int64 indices, into the frames given to ``estimate_identity``, of the frames it used.
+    signature
+        Optional ``(Backend.identity_signature,)`` float array that tells this face from others in later
+        frames (e.g. a face-recognition embedding); stored as ``identity_signature``.
+    """
+
+    codes: Mapping[str, np.ndarray]
+    frames: np.ndarray
+    signature: np.ndarray | None = None
 
 
 class Backend(ABC):
@@ -123,6 +158,14 @@ class Backend(ABC):
     derives_vertices
         The vertices are a function of the stored codes and ``mat`` (:meth:`vertices`), so the recon
         store keeps only those unless asked to save the vertices too.
+    identity
+        Codes fixed per face per recording, name -> size (e.g. ``{"shape": 300}``); ``{}``: no
+        identity pass. Such a backend implements :meth:`estimate_identity`, accepts ``identities`` in
+        :meth:`reconstruct` and sets ``Face.identity``.
+    identity_frames
+        How many frames, evenly spaced over the recording, the identity pass reads.
+    identity_signature
+        Size of ``Identity.signature`` (0: the backend gives none).
     """
 
     name: ClassVar[str]
@@ -133,6 +176,9 @@ class Backend(ABC):
     units: ClassVar[str] = "pixels"
     outputs: ClassVar[Outputs] = Outputs()
     derives_vertices: ClassVar[bool] = False
+    identity: ClassVar[Mapping[str, int]] = {}
+    identity_frames: ClassVar[int] = 32
+    identity_signature: ClassVar[int] = 0
 
     @classmethod
     @abstractmethod
@@ -145,12 +191,24 @@ class Backend(ABC):
         """Load the model on ``device``; gmfx calls this once per worker process and options."""
 
     @abstractmethod
-    def reconstruct(self, frames: np.ndarray, *, max_faces: int) -> list[list[Face]]:
+    def reconstruct(
+        self, frames: np.ndarray, *, max_faces: int, identities: Sequence[Identity] = ()
+    ) -> list[list[Face]]:
         """Faces found in each frame of ``frames`` (``(n, height, width, 3)`` uint8 RGB, time order).
 
         Returns one list per frame with at most ``max_faces`` faces, in any order (gmfx tracks them),
-        and an empty list for a frame without a face.
+        and an empty list for a frame without a face. Backends that declare ``identity`` receive the
+        recording's ``identities`` (never empty: a recording without any is not reconstructed), use
+        them for every face, and set each ``Face.identity`` to the index of the one it belongs to (at
+        most one face per identity and frame); gmfx stores the face in that slot, so no tracking is needed.
+        Backends without ``identity`` may leave the parameter out of their signature.
         """
+
+    def estimate_identity(self, frames: np.ndarray, *, max_faces: int) -> list[Identity]:
+        """At most ``max_faces`` identities seen in ``frames`` (``(n, h, w, 3)`` uint8 RGB, time order,
+        evenly spaced over the recording); ``[]`` when no face is seen. Called once per recording,
+        before any :meth:`reconstruct`, by backends that declare ``identity``."""
+        raise NotImplementedError(f"the model {self.name!r} declares no identity")
 
     @classmethod
     def vertices(cls, ds: Any) -> Any:

@@ -17,12 +17,15 @@ from gmfx.models._tracking import track_faces
 __all__ = ["pack_faces"]
 
 
-def pack_faces(faces: Sequence[Sequence[Face]], backend: type[Backend], *, max_faces: int, first_frame: int = 0) -> dict[str, np.ndarray]:
+def pack_faces(
+    faces: Sequence[Sequence[Face]], backend: type[Backend], *, max_faces: int, first_frame: int = 0, n_identities: int | None = None
+) -> dict[str, np.ndarray]:
     """Arrays ``(time, face, ...)`` of the recon store from per-frame faces, tracked to stable slots.
 
     Frames without a face are NaN rows with ``detected=False``. A face that breaks the backend's
     declared contract (shapes, codes, landmarks, too many faces) raises :class:`ModelError` naming the
-    frame (``first_frame`` + its position).
+    frame (``first_frame`` + its position). Faces of a backend that declares ``identity`` (given
+    ``n_identities`` identities) are not tracked: each goes to the slot of its ``Face.identity``.
     """
     n, n_vertices = len(faces), backend.topology().n_vertices
     codes, n_landmarks = dict(backend.outputs.codes), backend.outputs.n_landmarks
@@ -36,10 +39,14 @@ def pack_faces(faces: Sequence[Sequence[Face]], backend: type[Backend], *, max_f
     if n_landmarks:
         arrays["landmarks"] = np.full((n, max_faces, n_landmarks, 3), np.nan, np.float32)
     for i, frame_faces in enumerate(faces):
-        _check_faces(frame_faces, backend, max_faces, n_vertices, first_frame + i)
-    centroids = [np.array([f.vertices[:, :2].mean(axis=0) for f in ff]).reshape(-1, 2) for ff in faces]
-    sizes = [np.array([np.ptp(f.vertices[:, :2], axis=0).max() for f in ff]) for ff in faces]
-    for i, slots in enumerate(track_faces(centroids, sizes, max_faces)):
+        _check_faces(frame_faces, backend, max_faces, n_vertices, first_frame + i, n_identities)
+    if backend.identity:
+        assigned = [[face.identity for face in frame_faces] for frame_faces in faces]
+    else:
+        centroids = [np.array([f.vertices[:, :2].mean(axis=0) for f in ff]).reshape(-1, 2) for ff in faces]
+        sizes = [np.array([np.ptp(f.vertices[:, :2], axis=0).max() for f in ff]) for ff in faces]
+        assigned = track_faces(centroids, sizes, max_faces)
+    for i, slots in enumerate(assigned):
         for face, slot in zip(faces[i], slots):
             arrays["v"][i, slot] = face.vertices
             arrays["mat"][i, slot] = face.mat
@@ -52,7 +59,9 @@ def pack_faces(faces: Sequence[Sequence[Face]], backend: type[Backend], *, max_f
     return arrays
 
 
-def _check_faces(faces: Sequence[Face], backend: type[Backend], max_faces: int, n_vertices: int, frame: int) -> None:
+def _check_faces(
+    faces: Sequence[Face], backend: type[Backend], max_faces: int, n_vertices: int, frame: int, n_identities: int | None
+) -> None:
     def broken(what: str) -> ModelError:
         return ModelError(
             f"the model {backend.name!r} broke its contract: {what}",
@@ -62,6 +71,11 @@ def _check_faces(faces: Sequence[Face], backend: type[Backend], max_faces: int, 
 
     if len(faces) > max_faces:
         raise broken(f"{len(faces)} faces returned with max_faces={max_faces}")
+    if backend.identity:
+        known = range(min(max_faces, max_faces if n_identities is None else n_identities))
+        identities = [face.identity for face in faces]
+        if any(i not in known for i in identities) or len(set(identities)) != len(identities):
+            raise broken(f"Face.identity {identities}: each face needs its own index into the {len(known)} identities")
     for face in faces:
         if np.shape(face.vertices) != (n_vertices, 3):
             raise broken(f"vertices of shape {np.shape(face.vertices)}, expected ({n_vertices}, 3)")
