@@ -25,7 +25,8 @@ the store is marked complete only when every marker is in.
 Speed (measured on a 2-core box, 5,023 vertices at 30 fps; see ``benchmarks/preproc.py``):
 
 * each region task computes the alignment of its own frames plus the few halo frames interpolation
-  needs (per-frame recipes in :mod:`gmfx.preproc`), never whole neighbouring chunks;
+  needs (``align_with_frames`` hands its per-frame recipes to ``interpolate(frames=...)``), never whole
+  neighbouring chunks;
 * a task's graph is culled, not blockwise-fused by ``dask.optimize`` (fusion would repeat the shared
   fit once per output variable); a whole-recording reference (``first``, ``mean``) is computed once;
 * the filter reads each vertex block with a single rechunk of the scratch store (a chained rechunk
@@ -63,6 +64,7 @@ from gmfx.dataset import Recording
 from gmfx.storage import Location, LocationLike, RegionStore, as_location, open_dataset, plan_token, store_location
 from gmfx.storage._fingerprint import file_digest, relative_name, require_chunks, store_fingerprint
 from gmfx.storage._regions import _plan_json
+from gmfx.storage._template import lazy_template
 from gmfx.types import Task
 
 __all__ = ["run_preproc", "run_epochs", "run_chain", "write_lazy", "chain", "vertex_block_size"]
@@ -107,11 +109,16 @@ def _global_references(ds: xr.Dataset, align: Options, client: Client | None) ->
 
 
 def chain(ds: xr.Dataset, *, align: Options = True, interpolate: Options = True, filter: Options = True) -> xr.Dataset:  # noqa: A002
-    """The lazy chain align -> interpolate -> filter with the steps given (``True`` = defaults, a dict = options)."""
-    for step, value in (("align", align), ("interpolate", interpolate), ("filter", filter)):
-        options = _options(value)
-        if options is not None:
-            ds = getattr(ops, step)(ds, **options)
+    """The lazy chain align -> interpolate -> filter with the steps given (``True`` = defaults, a dict = options).
+
+    Interpolation gets align's frame recipes, so that each chunk aligns only the frames it reads."""
+    frames: dict[str, ops.FrameRecipe] = {}
+    if (options := _options(align)) is not None:
+        ds, frames = ops.align_with_frames(ds, **options)
+    if (options := _options(interpolate)) is not None:
+        ds = ops.interpolate(ds, **{"frames": frames, **options})
+    if (options := _options(filter)) is not None:
+        ds = ops.filter(ds, **options)
     return ds
 
 
@@ -126,27 +133,7 @@ def _leading(ds: xr.Dataset) -> tuple[str, list[str]]:
 def _template(ds: xr.Dataset, chunk: int, vertex_chunk: int | None) -> xr.Dataset:
     """Every leading-dim variable as lazy zeros chunked by ``chunk`` (and ``vertex_chunk``); the rest computed."""
     lead, timed = _leading(ds)
-    template = ds.copy()
-    for name in template.variables:
-        template[name].encoding = {}
-    for name in timed:
-        array = ds[name]
-        chunks = {0: chunk, **({array.dims.index("vertex"): vertex_chunk} if vertex_chunk and "vertex" in array.dims else {})}
-        chunks = tuple(chunks.get(axis, -1) for axis in range(array.ndim))
-        template[name] = (array.dims, da.zeros(array.shape, dtype=array.dtype, chunks=chunks), array.attrs)
-    rest = [name for name in template.variables if name not in timed]
-    # one computation for all of them: on a distributed client each compute is a round trip (the example's
-    # preproc and epochs made 12 of them here, for a few kB of topology and coordinates)
-    computed = {name: _portable_strings(value) for name, value in zip(rest, dask.compute(*(template[name] for name in rest)), strict=True)}
-    return template.assign(**{n: c for n, c in computed.items() if n in template.data_vars}).assign_coords(
-        **{n: c for n, c in computed.items() if n in template.coords}
-    )
-
-
-def _portable_strings(array: xr.DataArray) -> xr.DataArray:
-    """Fixed-width unicode (``<U``) has no Zarr v3 specification (zarr warns): store strings as variable-length
-    strings instead, which read back as the same strings."""
-    return array.astype(object) if array.dtype.kind == "U" else array
+    return lazy_template(ds, written=timed, chunks={lead: chunk, **({"vertex": vertex_chunk} if vertex_chunk else {})})
 
 
 def _encoding(ds: xr.Dataset, timed: Sequence[str], *, scratch: bool = False) -> dict[str, dict]:

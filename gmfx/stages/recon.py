@@ -43,9 +43,9 @@ from gmfx.dataset import Recording
 from gmfx.models import Backend, Face, Identity, get_backend, load_backend
 from gmfx.models._output import pack_faces
 from gmfx.models._tracking import segment_ends, stitch_segments
-from gmfx.storage import Location, LocationLike, RegionStore, as_location, open_dataset, plan_token, store_location
+from gmfx.storage import Location, LocationLike, RegionStore, as_location, open_dataset, plan_token, redact, store_location
 from gmfx.storage._fingerprint import require_chunks, store_fingerprint
-from gmfx.storage._retry import is_transient
+from gmfx.storage._retry import retry_transient
 from gmfx.types import STAGES, Region, Task, split_regions
 
 __all__ = [
@@ -270,7 +270,7 @@ def recon_template(
         "time": ("time", frames["time"].values, frames["time"].attrs),
         "frame": ("time", frames["frame"].values),
         "face": ("face", np.arange(max_faces)),
-        "coord": ("coord", np.array(["x", "y", "z"], dtype=object)),  # variable-length strings (zarr v3 spec)
+        "coord": ("coord", ["x", "y", "z"]),
     }
     return xr.Dataset(data, coords=coords)
 
@@ -320,10 +320,15 @@ def estimate_identity_region(
     frames = _frames_array(frames_location)
     picks = identity_sample(frames.shape[0], backend.identity_frames)
     try:
-        images = frames.get_orthogonal_selection((picks,))
+        images = retry_transient(
+            lambda: frames.get_orthogonal_selection((picks,)),
+            what="reading the frames the identity pass samples from the decode store",
+            where=frames_location.url,
+            redactor=lambda text: redact(text, frames_location.storage_options),
+        )
+    except StorageError:
+        raise
     except Exception as error:  # noqa: BLE001
-        if is_transient(error):
-            raise
         raise StorageError(
             f"the frames the identity pass samples cannot be read ({type(error).__name__}: {error})",
             where=frames_location.url,
@@ -431,7 +436,7 @@ def reconstruct_region(
         model = _worker_model(backend, device, options)
         extra = {} if identities is None else {"identities": identities}
         faces = []
-        for start, batch in _read_ahead(_frames_array(frames_location), region, batch_size, where=frames_location.url):
+        for start, batch in _read_ahead(_frames_array(frames_location), region, batch_size, where=frames_location):
             found = model.reconstruct(batch, max_faces=max_faces, **extra)
             if len(found) != len(batch):
                 raise ModelError(
@@ -448,24 +453,30 @@ def reconstruct_region(
     return int(arrays["detected"].any(axis=1).sum())
 
 
-def _read_ahead(frames: zarr.Array, region: Region, batch_size: int, *, where: str) -> Iterator[tuple[int, np.ndarray]]:
+def _read_ahead(frames: zarr.Array, region: Region, batch_size: int, *, where: Location) -> Iterator[tuple[int, np.ndarray]]:
     """``(start, frames)`` batches of ``region``; the next batch is read (and decompressed) in a
-    background thread while the caller works on the current one. A chunk that cannot be decoded (a
-    truncated file) raises a :class:`StorageError` naming the store and the chunks."""
+    background thread while the caller works on the current one. Transient failures (a throttled
+    bucket) are retried; a chunk that cannot be decoded (a truncated file) raises a
+    :class:`StorageError` naming the store and the chunks."""
     starts = list(range(region.start, region.stop, batch_size))
 
     def read(start: int) -> np.ndarray:
         stop = min(start + batch_size, region.stop)
         try:
-            return frames[start:stop]
+            return retry_transient(
+                lambda: frames[start:stop],
+                what=f"reading frames {start}-{stop - 1} of the decode store",
+                where=where.url,
+                redactor=lambda text: redact(text, where.storage_options),
+            )
+        except StorageError:
+            raise
         except Exception as error:  # noqa: BLE001
-            if is_transient(error):
-                raise  # the task is retried
             step = frames.chunks[0]
             chunks = ", ".join(f"frames/{frames.metadata.encode_chunk_key((i, 0, 0, 0))}" for i in range(start // step, -(-stop // step)))
             raise StorageError(
                 f"frames {start}-{stop - 1} of the decode store cannot be read ({type(error).__name__}: {error})",
-                where=f"{where} (chunks {chunks})",
+                where=f"{where.url} (chunks {chunks})",
                 fix="the store is damaged: rewrite it with gmfx decode --overwrite, or copy it again",
             ) from error
 
