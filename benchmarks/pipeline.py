@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import pathlib
 import shutil
 import socket
@@ -84,16 +85,24 @@ def moto_server_process():
         server.wait(timeout=20)
 
 
-def timed_run(study, out, workers: int) -> float:
-    from distributed import Client, LocalCluster
+def timed_run(study, out, workers: int) -> tuple[float, float]:
+    """Wall seconds of the pipeline, and the seconds its workers spent in tasks (from the task stream):
+    with 1 worker, the rest is time the worker waited on the client (planning, templates, finalizing)
+    and the scheduler."""
+    from distributed import Client, LocalCluster, get_task_stream
 
     from gmfx import find_recordings, run_pipeline
 
     recordings = find_recordings(study)
+    for module in ("gmfx.stages.decode", "gmfx.stages.recon", "gmfx.stages.preproc", "gmfx.models.mediapipe"):
+        importlib.import_module(module)  # the client's imports are not the pipeline's cost
     with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as client:
         start = time.perf_counter()
-        run_pipeline(recordings, out, client=client, recon_options={"device": "cpu"}, progress=False)
-        return time.perf_counter() - start
+        with get_task_stream(client) as stream:
+            run_pipeline(recordings, out, client=client, recon_options={"device": "cpu"}, progress=False)
+        seconds = time.perf_counter() - start
+    busy = sum(s["stop"] - s["start"] for record in stream.data for s in record["startstops"] if s["action"] == "compute")
+    return seconds, busy
 
 
 def main() -> None:
@@ -114,14 +123,19 @@ def main() -> None:
 
     results: dict[str, float] = {}
     for workers in (1, 2):
-        seconds = timed_run(Location(str(study)), Location(str(WORK / f"out-{workers}")), workers)
+        seconds, busy = timed_run(Location(str(study)), Location(str(WORK / f"out-{workers}")), workers)
         results[f"local, {workers} worker(s)"] = total / seconds
+        if workers == 1:
+            waiting = seconds - busy
+            report.note(f"1 worker: {busy:.1f} s in tasks, {waiting:.1f} s waiting on the client and scheduler "
+                        f"({waiting / args.recordings:.2f} s per recording)")  # fmt: skip
+            report.stage_cost("pipeline", "client_s_per_recording", waiting / args.recordings)
     with moto_server_process() as endpoint:
         options = s3_storage_options(endpoint)
         bucket = make_bucket(endpoint)
         s3_study = Location(f"s3://{bucket}/study", options)
         upload(study, s3_study)
-        seconds = timed_run(s3_study, Location(f"s3://{bucket}/derivatives/gmfx", options), 2)
+        seconds, _ = timed_run(s3_study, Location(f"s3://{bucket}/derivatives/gmfx", options), 2)
         results["s3 (moto server process), 2 worker(s)"] = total / seconds
 
     two, one, s3 = results["local, 2 worker(s)"], results["local, 1 worker(s)"], results["s3 (moto server process), 2 worker(s)"]

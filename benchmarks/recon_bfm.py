@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+from _common import Report
 
 from gmfx.dataset import find_recordings
 from gmfx.stages.decode import run_decode
@@ -126,17 +127,19 @@ def deep3d_gmfx(recordings, out: Location, model_dir: str, device: str, batch: i
         return time.perf_counter() - start
 
 
-def deep3d_part(args: argparse.Namespace, recordings, out: Location, frames_store: Location, model_dir: str) -> None:
+def deep3d_part(args: argparse.Namespace, recordings, out: Location, frames_store: Location, model_dir: str, report: Report) -> None:
     n = args.frames
     print(f"Deep3DFaceRecon, {n} frames 640x360, device {args.device}, precision {args.precision}, BFM from {model_dir}")
     for batch in args.batch_sizes:
         plain = deep3d_plain_loop(frames_store, model_dir, args.device, batch, args.precision)
         ours = deep3d_gmfx(recordings, out, model_dir, args.device, batch, args.precision, args.save_vertices)
         print(f"batch {batch:4d}: plain loop {n / plain:8.1f} frames/s   gmfx {n / ours:8.1f} frames/s   ratio {plain / ours:.2f}")
+        report.add(f"deep3d plain loop, batch {batch}", n / plain, "frames/s", echo=False)
+        report.add(f"deep3d gmfx, batch {batch}", n / ours, "frames/s", ratio=plain / ours, baseline=f"deep3d plain loop, batch {batch}", echo=False)
 
 
 #: the benchmark's parts by name (``--parts``): each gets the arguments, recordings, output root,
-#: frames store and model directory. 3DMM fitting (``bfm-fit``) is timed by ``benchmarks/recon_bfm_fit.py``.
+#: frames store, model directory and the report its figures go to. 3DMM fitting (``bfm-fit``) is timed by ``benchmarks/recon_bfm_fit.py``.
 PARTS: dict[str, Callable[..., None]] = {"deep3d": deep3d_part}
 
 
@@ -150,6 +153,7 @@ def main() -> None:
     parser.add_argument("--model-dir", default=None, help="real model files [default: generated ones, full-size BFM]")
     parser.add_argument("--save-vertices", action="store_true")
     args = parser.parse_args()
+    report = Report("recon_bfm", args)
     with tempfile.TemporaryDirectory() as folder:
         root = pathlib.Path(folder)
         model_dir = args.model_dir or str(write_deep3d_model_dir(root / "models", n_vertices=BFM_VERTICES, n_faces=BFM_FACES))
@@ -164,7 +168,8 @@ def main() -> None:
             run_decode(recordings, out, client=client, progress=False)
         frames_store = store_location(out, recordings[0], "decode")
         for name in args.parts:
-            PARTS[name](args, recordings, out, frames_store, model_dir)
+            PARTS[name](args, recordings, out, frames_store, model_dir, report)
+    report.write()
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import Report
 
 from gmfx.models._bfm import BfmLayer, read_bfm
 from gmfx.models._fitting import FRAME_CODES, FitOptions, Renderer, Targets, fit_video, frame_losses
@@ -120,6 +121,7 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, nargs="*", default=[8, 16, 40, 80, 160])
     parser.add_argument("--skip-plain", action="store_true")
     args = parser.parse_args()
+    report = Report("recon_bfm_fit", args)
     torch.set_num_threads(1)
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as folder:
@@ -151,20 +153,27 @@ def main() -> None:
     seconds_of = {}
     for batch in args.batch:
         ours, seconds_of[batch] = timed(lambda: gmfx_fit(decode, rest, identity, start, options, renderer, batch, sizes))
-        print(f"gmfx (batch {batch}): {args.frames / seconds_of[batch]:.2f} frames/s, "
-              f"landmark error {landmark_error(decode, identity, ours, clean_rest):.2f} px")
+        error = landmark_error(decode, identity, ours, clean_rest)
+        print(f"gmfx (batch {batch}): {args.frames / seconds_of[batch]:.2f} frames/s, landmark error {error:.2f} px")
+        report.add(f"gmfx, batch {batch}", args.frames / seconds_of[batch], "frames/s", landmark_error_px=error, echo=False)
     if not args.skip_plain:
         plain, plain_s = timed(lambda: plain_loop(decode, rest, identity, start, options, renderer))
         print(f"plain loop (per frame): {args.frames / plain_s:.2f} frames/s, landmark error {landmark_error(decode, identity, plain, clean_rest):.2f} px")
+        report.add("plain loop (per frame)", args.frames / plain_s, "frames/s", echo=False)
         for batch, ours_s in seconds_of.items():
             print(f"ratio gmfx (batch {batch}) / plain: {plain_s / ours_s:.2f}x")
+            report.add(f"gmfx, batch {batch}, vs plain", args.frames / ours_s, "frames/s", ratio=plain_s / ours_s,
+                       baseline="plain loop (per frame)", echo=False)  # fmt: skip
     print(f"landmark error vs iterations (gmfx, batch {max(args.batch)}, rigid + non-rigid 5:3):")
     batch = max(args.batch)
     for total in args.iterations:
         rigid = round(total * 5 / 8)
         varied = FitOptions(rigid_iterations=rigid, nonrigid_iterations=total - rigid)
         fitted, seconds = timed(lambda: gmfx_fit(decode, rest, identity, start, varied, renderer, batch, sizes))
-        print(f"  {rigid:4d} + {total - rigid:4d}: {landmark_error(decode, identity, fitted, clean_rest):.2f} px, {args.frames / seconds:.2f} frames/s")
+        error = landmark_error(decode, identity, fitted, clean_rest)
+        print(f"  {rigid:4d} + {total - rigid:4d}: {error:.2f} px, {args.frames / seconds:.2f} frames/s")
+        report.add(f"landmark error, {rigid} + {total - rigid} iterations", error, "px", echo=False)
+    report.write()
 
 
 if __name__ == "__main__":

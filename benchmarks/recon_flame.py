@@ -1,4 +1,5 @@
-"""DECA-coarse throughput end to end: a plain PyTorch loop vs gmfx recon, same frames, same run.
+"""FLAME-family throughput end to end (DECA, EMOCA, EMICA coarse or detail): a plain PyTorch loop vs
+gmfx recon, same frames, same run.
 
 The real clip ``tests/data/single_face.mp4`` is looped to ``--frames`` frames (640x360) and decoded
 once into a frames store. Model files are generated in the official formats with a full-size FLAME
@@ -6,16 +7,17 @@ once into a frames store. Model files are generated in the official formats with
 for each batch size:
 
 * plain loop: one process reads the frames store chunk by chunk, finds the face (MediaPipe), crops
-  it (DECA's rule), runs DECA's encoder and FLAME on the device, and moves codes and vertices to
-  host memory (no tracking, no writes);
-* gmfx: ``run_recon(model="deca")`` on a local cluster of one worker (one per GPU with ``--device
+  it (DECA's rule), runs the model's encoders and FLAME on the device, and moves codes and vertices to
+  host memory (no tracking, no writes); for EMICA it first estimates the identity on 32 frames
+  evenly spaced over the recording (timed), as the recon stage does;
+* gmfx: ``run_recon(model=...)`` on a local cluster of one worker (one per GPU with ``--device
   cuda``), codes-only store (``--save-vertices`` stores vertices too); the cluster start-up and the
   model load are not timed, as in the plain loop.
 
-Run: ``python benchmarks/recon_flame.py [--frames 64] [--batch-sizes 1 8 32] [--device cpu]
-[--precision float32]``; on a GPU: ``--device cuda --frames 4096 --batch-sizes 1 32 128 256
---precision float16``. Prints frames/s of both and their ratio, and on CUDA the GPU's utilisation
-sampled by ``nvidia-smi`` during gmfx's run.
+Run: ``python benchmarks/recon_flame.py [--model deca|emoca|emica] [--mode coarse|detail] [--frames 64]
+[--batch-sizes 1 8 32] [--device cpu] [--precision float32]``; on a GPU: ``--device cuda --frames 4096
+--batch-sizes 1 32 128 256 --precision float16``. Prints frames/s of both and their ratio, and on CUDA
+the GPU's utilisation sampled by ``nvidia-smi`` during gmfx's run.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from gmfx.dataset import find_recordings
 from gmfx.stages.decode import run_decode
 from gmfx.stages.recon import run_recon
 from gmfx.storage import Location, store_location
+from gmfx.testing._emica_files import EMICA_FOLDER, write_emica_model
 from gmfx.testing._model_files import write_model_dir
 from gmfx.testing._videos import write_bids_recording, write_video
 
@@ -59,22 +62,29 @@ def _clip_frames() -> np.ndarray:
         return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
 
 
-def plain_loop(frames_store: Location, model_dir: str, device: str, batch: int, precision: str) -> float:
-    """Seconds of a plain loop over the frames store with DECA's pieces (model loaded before timing)."""
+def plain_loop(frames_store: Location, model: str, model_dir: str, device: str, batch: int, precision: str) -> float:
+    """Seconds of a plain loop over the frames store with the model's pieces (model loaded before timing)."""
     import torch
     import zarr
 
-    from gmfx.models.deca import DecaBackend
+    from gmfx.models import get_backend
+    from gmfx.stages.recon import identity_sample
 
     if device == "cpu":
         torch.set_num_threads(1)
-    model = DecaBackend.load(device, model_dir=model_dir, precision=precision)
+    backend = get_backend(model)
+    loaded = backend.load(device, model_dir=model_dir, precision=precision)
     frames = zarr.open_group(frames_store.url, mode="r")["frames"]
-    model.reconstruct(frames[:batch], max_faces=1)  # warm-up (cuDNN autotuning, MediaPipe graph)
-    model.reset()
+    extra = {"identities": loaded.estimate_identity(frames[:2], max_faces=1)} if backend.identity else {}
+    loaded.reconstruct(frames[:batch], max_faces=1, **extra)  # warm-up (cuDNN autotuning, MediaPipe graph)
+    loaded.reset()
     start = time.perf_counter()
+    if backend.identity:
+        picks = identity_sample(frames.shape[0], backend.identity_frames)
+        extra = {"identities": loaded.estimate_identity(frames.get_orthogonal_selection((picks,)), max_faces=1)}
+        loaded.reset()
     for first in range(0, frames.shape[0], batch):
-        model.reconstruct(frames[first : first + batch], max_faces=1)
+        loaded.reconstruct(frames[first : first + batch], max_faces=1, **extra)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - start
@@ -91,26 +101,25 @@ def _gpu_utilisation(samples: list[float], stop: threading.Event) -> None:
         stop.wait(0.2)
 
 
-def gmfx_recon(recordings, out: Location, model_dir: str, device: str, batch: int, precision: str, save_vertices: bool) -> tuple[float, float | None]:
+def gmfx_recon(recordings, out: Location, model: str, model_dir: str, device: str, batch: int, precision: str, save_vertices: bool) -> tuple[float, float | None]:
     """Seconds for ``recon`` on a fresh local cluster (start-up and model load not timed), and the mean GPU utilisation."""
     from distributed import Client, LocalCluster
 
-    from gmfx.models import load_backend
-    from gmfx.models.deca import DecaBackend
+    from gmfx.models import get_backend, load_backend
 
     options = {"model_dir": model_dir, "precision": precision}
     workers = 1
     resources = {"GPU": 1} if device.startswith("cuda") else None
     with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None, resources=resources) as cluster, Client(cluster) as client:
         client.wait_for_workers(workers)
-        client.run(lambda: load_backend(DecaBackend, device, options) and None)
+        client.run(lambda: load_backend(get_backend(model), device, options) and None)
         samples: list[float] = []
         stop = threading.Event()
         sampler = threading.Thread(target=_gpu_utilisation, args=(samples, stop), daemon=True)
         if device.startswith("cuda"):
             sampler.start()
         start = time.perf_counter()
-        run_recon(recordings, out, client=client, model="deca", device=device, batch_size=batch, model_options=options,
+        run_recon(recordings, out, client=client, model=model, device=device, batch_size=batch, model_options=options,
               save_vertices=save_vertices, overwrite=True, progress=False)  # fmt: skip
         seconds = time.perf_counter() - start
         stop.set()
@@ -119,6 +128,8 @@ def gmfx_recon(recordings, out: Location, model_dir: str, device: str, batch: in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="deca", choices=["deca", "emoca", "emica"])
+    parser.add_argument("--mode", default="coarse", choices=["coarse", "detail"], help="detail: the model's _detail variant (emica)")
     parser.add_argument("--frames", type=int, default=64)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--device", default="cpu")
@@ -126,9 +137,15 @@ def main() -> None:
     parser.add_argument("--model-dir", default=None, help="real model files [default: generated ones]")
     parser.add_argument("--save-vertices", action="store_true")
     args = parser.parse_args()
+    if args.mode == "detail" and args.model != "emica":
+        parser.error("--mode detail: only emica has a detail variant")
+    model = f"{args.model}_detail" if args.mode == "detail" else args.model
     with tempfile.TemporaryDirectory() as folder:
         root = pathlib.Path(folder)
-        model_dir = args.model_dir or str(write_model_dir(root / "models", grid=(70, 71), n_eye=53, detail=False))
+        model_dir = args.model_dir or str(write_model_dir(root / "models", grid=(70, 71), n_eye=53, detail=args.mode == "detail",
+                                                          emoca=args.model == "emoca"))  # fmt: skip
+        if args.model == "emica" and not args.model_dir:
+            write_emica_model(pathlib.Path(model_dir) / "EMICA" / EMICA_FOLDER)
         os.environ["GMFX_MODEL_DIR"] = model_dir
         video = write_video(root / "looped.mp4", frames=_Looped(_clip_frames(), args.frames))
         write_bids_recording(str(root / "bids"), subject="01", task="bench", video=str(video))
@@ -140,11 +157,11 @@ def main() -> None:
             run_decode(recordings, out, client=client, progress=False)
         frames_store = store_location(out, recordings[0], "decode")
         n = args.frames
-        report = Report("recon_flame", args)
-        print(f"DECA coarse, {n} frames 640x360, device {args.device}, precision {args.precision}, FLAME from {model_dir}")
+        report = Report("recon_flame" if (args.model, args.mode) == ("deca", "coarse") else f"recon_flame_{args.model}_{args.mode}", args)
+        print(f"{args.model} {args.mode}, {n} frames 640x360, device {args.device}, precision {args.precision}, FLAME from {model_dir}")
         for batch in args.batch_sizes:
-            plain = plain_loop(frames_store, model_dir, args.device, batch, args.precision)
-            ours, utilisation = gmfx_recon(recordings, out, model_dir, args.device, batch, args.precision, args.save_vertices)
+            plain = plain_loop(frames_store, model, model_dir, args.device, batch, args.precision)
+            ours, utilisation = gmfx_recon(recordings, out, model, model_dir, args.device, batch, args.precision, args.save_vertices)
             busy = f"   GPU busy {utilisation:.0f}%" if utilisation is not None else ""
             print(f"batch {batch:4d}: plain loop {n / plain:8.1f} frames/s   gmfx {n / ours:8.1f} frames/s   ratio {plain / ours:.2f}{busy}")
             report.add(f"plain loop, batch {batch}", n / plain, "frames/s", echo=False)

@@ -38,6 +38,8 @@ if TYPE_CHECKING:  # the same names, imported for type checkers and IDEs
     from gmfx.dataset import Recording, find_recordings
     from gmfx.models import Backend, Topology, available_backends, get_backend, register_backend
     from gmfx.models.deca import flame_vertices
+    from gmfx.models import Identity
+    from gmfx.models.emica import detail_displacements, emica_vertices
     from gmfx.models.deep3d import bfm_vertices
     from gmfx.pipeline import RecordingSummary, run_pipeline
     from gmfx.preproc import MOTION_PARAMS, align, epoch, filter, interpolate, open_recon
@@ -74,6 +76,9 @@ _LAZY = {
     "get_backend": "gmfx.models",
     "register_backend": "gmfx.models",
     "flame_vertices": "gmfx.models.deca",
+    "Identity": "gmfx.models",
+    "emica_vertices": "gmfx.models.emica",
+    "detail_displacements": "gmfx.models.emica",
     "bfm_vertices": "gmfx.models.deep3d",
     "RecordingSummary": "gmfx.pipeline",
     "run_pipeline": "gmfx.pipeline",
@@ -160,6 +165,9 @@ __all__ = [
     "get_backend",
     "register_backend",
     "flame_vertices",
+    "Identity",
+    "emica_vertices",
+    "detail_displacements",
     "bfm_vertices",
     # analysis (lazy): design from events, mass-univariate GLM, group level, generated movements, components
     "Design",

@@ -9,6 +9,8 @@ with keyword arguments so that the three parts always appear, in that order::
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "GmfxError",
     "DatasetError",
@@ -22,6 +24,7 @@ __all__ = [
     "ParameterError",
     "GmfxWarning",
     "parameter",
+    "hide_url_credentials",
 ]
 
 
@@ -39,10 +42,12 @@ class GmfxError(Exception):
     """
 
     def __init__(self, what: str, *, where: str | None = None, fix: str | None = None) -> None:
-        self.what = what
-        self.where = where
-        self.fix = fix
-        super().__init__(what, where, fix)
+        # a URL with user:password@ (an endpoint URL in the storage options) is quoted by botocore's and
+        # aiohttp's errors: no gmfx error ever shows its credentials
+        self.what = hide_url_credentials(what)
+        self.where = None if where is None else hide_url_credentials(where)
+        self.fix = None if fix is None else hide_url_credentials(fix)
+        super().__init__(self.what, self.where, self.fix)
 
     def __str__(self) -> str:
         parts = [self.what]
@@ -110,6 +115,15 @@ class GmfxWarning(UserWarning):
 
     def __str__(self) -> str:
         return GmfxError.__str__(self)  # type: ignore[arg-type]
+
+
+#: ``scheme://user:password@``: the credentials part of a URL
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@\"'<>]*:[^/\s@\"'<>]*@")
+
+
+def hide_url_credentials(text: str) -> str:
+    """``text`` with the ``user:password@`` of every URL in it replaced by ``***@``."""
+    return _URL_CREDENTIALS.sub(r"\g<scheme>***@", text)
 
 
 def parameter(function: str, name: str) -> str:

@@ -300,6 +300,23 @@ def _local_gpus(selection: Selection, device: str) -> int:
     return local_gpu_count()
 
 
+def _model_for_mode(model: str, mode: str) -> str:
+    """``--mode detail`` picks the model's ``<model>_detail`` variant."""
+    from gmfx._errors import ParameterError
+    from gmfx.models import available_backends
+
+    if mode == "coarse":
+        return model
+    variants = [name.removesuffix("_detail") for name in available_backends() if name.endswith("_detail")]
+    if mode != "detail" or model not in variants:
+        raise ParameterError(
+            f"--mode {mode} is not available for the model {model!r}",
+            where="--mode",
+            fix=f"use --mode coarse, or --mode detail with one of: {', '.join(variants) or '(none installed)'}",
+        )
+    return f"{model}_detail"
+
+
 @dataset_command
 def recon(
     sel: Selection,
@@ -318,6 +335,7 @@ def recon(
     render: Annotated[
         bool, typer.Option("--render", help="Also write the original tool's videos: the mesh in world space and over the frames.")
     ] = False,
+    mode: Annotated[str, typer.Option(metavar="MODE", help="coarse, or detail: also DECA's 128-d detail code per frame (the model's _detail variant, e.g. emica).")] = "coarse",
 ) -> None:
     """Reconstruct a 3D face mesh per frame and face (decoding the videos first when needed).
 
@@ -332,6 +350,7 @@ def recon(
     from gmfx.stages.recon import run_recon
 
     options = parse_key_values(model_option, where="--model-option")
+    model = _model_for_mode(model, mode)
     if model_dir:  # the client reads the topology, the workers (started below) the weights, from there
         os.environ["GMFX_MODEL_DIR"] = options["model_dir"] = model_dir
     options.update({k: v for k, v in (("detector", detector), ("precision", precision)) if v is not None})
@@ -807,7 +826,8 @@ def models(ctx: typer.Context, model_dir: ModelDirOpt = None, storage_option: St
             vertices = f"{backend.topology().n_vertices} vertices"
         except GmfxError:
             vertices = "vertices unknown until its files are present"
-        typer.echo(f"{name} (version {backend.version}): {vertices}, devices {devices}, codes {codes}")
+        identity = "".join(f", identity {code} ({size}) per face" for code, size in backend.identity.items())
+        typer.echo(f"{name} (version {backend.version}): {vertices}, devices {devices}, codes {codes}{identity}")
         for spec, found in status:
             if found is not None:
                 typer.echo(f"  present  {spec.description}: {found.url}")

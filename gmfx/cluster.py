@@ -13,6 +13,7 @@ import psutil
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 
 from gmfx._errors import ClusterError, ModelError, ParameterError, parameter
+from gmfx._threads import thread_environment
 from gmfx._version import __version__
 
 if TYPE_CHECKING:
@@ -61,6 +62,7 @@ def connect(scheduler: str | None = None, *, workers: int | None = None, gpus: i
         cluster = _start(lambda: LocalCluster(
             n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit=memory_limit,
             preload=["gmfx._worker_signals"],  # Ctrl-C stops the command, which stops its workers: no traceback from each
+            env=thread_environment(1),  # one core per worker: no library sizes its pool to the whole machine
         ), n)  # fmt: skip
     client = Client(cluster)
     try:
@@ -114,7 +116,8 @@ def _close(client: Client, cluster: SpecCluster) -> None:
 
 def gpu_worker_specs(gpus: int, *, memory_limit: int | str = "auto") -> dict[str, dict]:
     """Worker specs for a local cluster with ``gpus`` GPUs: one single-threaded worker process per GPU,
-    which sees only its own GPU (``CUDA_VISIBLE_DEVICES``) and offers the resource ``GPU=1``."""
+    which sees only its own GPU (``CUDA_VISIBLE_DEVICES``), offers the resource ``GPU=1`` and sizes the
+    CPU libraries' thread pools to one thread (:mod:`gmfx._threads`)."""
     return {
         f"gpu-{index}": {
             "cls": Nanny,
@@ -122,7 +125,7 @@ def gpu_worker_specs(gpus: int, *, memory_limit: int | str = "auto") -> dict[str
                 "nthreads": 1,
                 "resources": {"GPU": 1},
                 "memory_limit": memory_limit,
-                "env": {"CUDA_VISIBLE_DEVICES": str(index)},
+                "env": {"CUDA_VISIBLE_DEVICES": str(index), **thread_environment(1)},
             },
         }
         for index in range(gpus)

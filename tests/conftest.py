@@ -100,3 +100,31 @@ def cli_cluster(tmp_path_factory):
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+@pytest.fixture(scope="session")
+def astronaut_recon(tmp_path_factory, dask_client):
+    """A real face with known head motion: ``astronaut_recon(n_frames, max_angle, max_shift)`` writes the
+    astronaut photo turning up to ``max_angle`` degrees and moving up to ``max_shift`` pixels as a video,
+    decodes and reconstructs it with MediaPipe through gmfx on ``dask_client``, and returns
+    ``(recordings, out, motion)`` (once per set of arguments). Tests may write beside the stores, never over them."""
+    pytest.importorskip("skimage")
+    import gmfx
+    from gmfx.testing import astronaut_motion, write_bids_recording, write_video
+
+    made: dict[tuple, tuple] = {}
+
+    def make(n_frames: int, max_angle: float, max_shift: float) -> tuple:
+        key = (n_frames, max_angle, max_shift)
+        if key not in made:
+            root = tmp_path_factory.mktemp("astronaut")
+            motion = astronaut_motion(n_frames, max_angle=max_angle, max_shift=max_shift)
+            video = write_video(root / "astronaut.mp4", frames=motion.frames, crf=12)
+            write_bids_recording(str(root / "bids"), subject="01", task="faces", video=str(video))
+            recordings = gmfx.find_recordings(str(root / "bids"))
+            out = Location(str(root / "out"))
+            gmfx.run_recon(recordings, out, client=dask_client, device="cpu", progress=False)
+            made[key] = (recordings, out, motion)
+        return made[key]
+
+    return make

@@ -5,24 +5,16 @@ import numpy as np
 import pytest
 
 import gmfx
-from gmfx.storage import Location, store_location
-from gmfx.testing import astronaut_motion, write_bids_recording, write_video
+from gmfx.storage import store_location
 from gmfx.testing._faces import FACE_CENTRE
 
 pytest.importorskip("skimage")
 
 
 @pytest.fixture(scope="module")
-def astronaut(tmp_path_factory, request):
+def astronaut(astronaut_recon):
     """48 frames turning up to 20 degrees and moving up to 12 pixels, and their recon store."""
-    root = tmp_path_factory.mktemp("astronaut")
-    motion = astronaut_motion(48, max_angle=20, max_shift=12)
-    video = write_video(root / "astronaut.mp4", frames=motion.frames, crf=12)
-    write_bids_recording(str(root / "bids"), subject="01", task="faces", video=str(video))
-    recordings = gmfx.find_recordings(str(root / "bids"))
-    out = Location(str(root / "out"))
-    client = request.getfixturevalue("dask_client")
-    gmfx.run_recon(recordings, out, client=client, device="cpu", progress=False)
+    recordings, out, motion = astronaut_recon(48, max_angle=20, max_shift=12)
     return motion, gmfx.open_recon(store_location(out, recordings[0], "recon"))
 
 

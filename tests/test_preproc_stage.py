@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from gmfx import EventsError, IncompleteStoreError
+from gmfx import EventsError, IncompleteStoreError, ParameterError
 from gmfx.dataset import Recording
 from gmfx.stages.preproc import chain, run_chain, run_epochs, run_preproc
 from gmfx.storage import Location, RegionStore, open_dataset, store_location
@@ -165,3 +165,38 @@ def test_whole_recording_references_are_computed_once_and_give_the_lazy_result(t
 
     reads = region_reads(given)
     assert reads == region_reads({"reference": "template"}) and len(reads) < recon["v"].data.numblocks[0], sorted(reads)
+
+
+def test_a_region_task_fits_only_its_own_frames_and_the_interpolation_halo(tmp_path):
+    """The per-frame speed-up of align -> interpolate: a region task of the stage fits the alignment of its own
+    frames and the few halo frames interpolation reads, not the whole neighbouring chunks (3x the work)."""
+    from dask.callbacks import Callback
+
+    from gmfx.stages.preproc import plan_lazy
+
+    chunk = 64
+    source = write_synthetic_recon(Location(str(tmp_path / "a_recon.zarr")), synthetic_face(5 * chunk, n_vertices=20, seed=2), chunk=chunk)
+    lazy = chain(open_dataset(source, stage="recon"), align={"reference": "template"}, interpolate={"max_gap": 0.2}, filter=False)
+    plan = plan_lazy(lazy, Location(str(tmp_path / "a_preproc.zarr")), stage="preproc", source="test")
+    fitted: list[int] = []
+
+    class CountFits(Callback):  # the frames of every alignment fit the task computes
+        def _posttask(self, key, result, dsk, state, worker_id):
+            if "fit_block-" in str(key[0] if isinstance(key, tuple) else key):
+                fitted.append(result.shape[0])
+
+    task = plan.tasks[2]  # a middle region: neighbours on both sides
+    with CountFits():
+        task.function(*task.args)
+    halo = int(np.ceil(2 * 0.2 * 30)) + 2 + 1  # 2 x max_gap of frames at 30 fps, the method's halo, rounding
+    assert len(fitted) == 1 and chunk <= fitted[0] <= chunk + 2 * halo, fitted  # one fit, shared by v, mat, motion
+    # the same values as align then interpolate without recipes (every frame sliced from the aligned result)
+    from gmfx.preproc import align, interpolate
+
+    plain = interpolate(align(open_dataset(source, stage="recon"), reference="template"), max_gap=0.2)
+    written = open_dataset(plan.store.location, stage="preproc", require_complete=False)
+    region = slice(2 * chunk, 3 * chunk)
+    for name in ("v", "mat", "motion"):
+        np.testing.assert_allclose(written[name][region].values, plain[name][region].values, atol=1e-5, err_msg=name)
+    with pytest.raises(ParameterError, match="frame recipes for \\['template'\\]"):
+        interpolate(plain, frames={"template": lambda lo, hi: None})

@@ -161,3 +161,22 @@ def test_a_backend_breaking_the_identity_contract_is_named(recording):
     with pytest.raises(ModelError, match=r"identity 0 has codes \['color'\], declared \['colour'\]") as info:
         run_recon(recordings, out, client=None, model=_WrongIdentity, max_faces=2, segment_frames=CHUNK, progress=False)
     assert "identity pass over frames [0, 11, 23, 34, 45, 56, 68, 79]" in str(info.value)
+
+
+def test_the_conformance_kit_checks_backends_with_an_identity(recording):
+    from gmfx.testing import check_backend
+
+    recordings, root = recording
+    images = _decode(recordings, Location(str(root / "kit")))
+    check_backend(ColourIdentityBackend, frames=images[:12], max_faces=2)
+
+    class Untagged(ColourIdentityBackend):
+        name = "untagged"
+
+        def reconstruct(self, frames, *, max_faces, identities=()):
+            return [[Face(f.vertices, f.mat, f.score, f.codes) for f in faces] for faces in super().reconstruct(frames, max_faces=max_faces, identities=identities)]
+
+    from gmfx.models import Face
+
+    with pytest.raises(ModelError, match=r"Face\.identity \[None"):
+        check_backend(Untagged, frames=images[:12], max_faces=2)

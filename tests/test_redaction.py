@@ -63,3 +63,40 @@ def test_secrets_quoted_by_the_driver_reach_no_error_log_or_store(echo, tmp_path
                   "-s", f"token={TOKEN}", "--workers", "1", "--verbose", "--no-progress"], env)  # fmt: skip
     assert result.returncode == 1 and "_plane/c/" in result.stderr
     _no_secrets(result.stdout, result.stderr, *_stored_text(tmp_path / "out"), *_stored_text(tmp_path / "cli"))
+
+
+def test_an_endpoint_url_with_credentials_that_answers_nothing_is_one_clear_error_without_them(tmp_path):
+    """``-s client_kwargs.endpoint_url=http://user:password@host`` where nothing listens: botocore quotes the URL
+    (credentials included) in its errors; the command line shows one clear error without them, no traceback."""
+    import socket
+
+    from typer.testing import CliRunner
+
+    from gmfx._example import write_example_dataset
+    from gmfx.cli import app
+    from gmfx.render import run_render
+
+    with socket.socket() as sock:  # a port where nothing listens
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    endpoint = f"http://lab-user:{SECRET}@127.0.0.1:{port}"
+    options = ["-s", f"client_kwargs.endpoint_url={endpoint}", "-s", "anon=true", "-s", "config_kwargs.retries.total_max_attempts=1"]
+    example = str(write_example_dataset(tmp_path / "study"))
+    runner = CliRunner()
+    for args, store in (
+        (["decode", "s3://bucket/study", *options], "s3://bucket/study"),  # reading the dataset
+        (["render", example, "--frame", "0", "--out", "s3://bucket/out", *options], "s3://bucket/out/sub-01/sub-01_task-faces_recon.zarr"),
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 1, result.output
+        assert SECRET not in result.output and "Traceback" not in result.output, result.output
+        assert result.output.startswith("error: ") and f"where: {store}" in result.output, result.output
+        assert "EndpointConnectionError" in result.output and f"http://***@127.0.0.1:{port}" in result.output, result.output
+    # the library raises the same StorageError (rendering a video first asks whether it exists already)
+    (recording,) = find_recordings(example)
+    out = Location("s3://bucket/out", {"client_kwargs": {"endpoint_url": endpoint}, "anon": True,
+                                       "config_kwargs": {"retries": {"total_max_attempts": 1}}})  # fmt: skip
+    with pytest.raises(GmfxError, match="the storage cannot be reached") as info:
+        run_render([recording], out, client=None, progress=False)
+    assert SECRET not in str(info.value) and info.value.__cause__ is None and info.value.__suppress_context__
+    assert "where: s3://bucket/out/sub-01/sub-01_task-faces_recon_" in str(info.value), str(info.value)  # the video

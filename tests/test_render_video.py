@@ -108,24 +108,8 @@ def test_a_failed_segment_leaves_no_video(vfr_store, tmp_path, monkeypatch):
     assert not (tmp_path / "broken.mp4").exists()
 
 
-@pytest.fixture(scope="module")
-def astronaut_dataset(tmp_path_factory, request):
-    """10 frames of the astronaut turning, decoded and reconstructed by MediaPipe through gmfx."""
-    from gmfx.testing import astronaut_motion, write_bids_recording, write_video
-
-    root = tmp_path_factory.mktemp("astronaut-render")
-    motion = astronaut_motion(10, max_angle=10, max_shift=8)
-    video = write_video(root / "astronaut.mp4", frames=motion.frames, crf=12)
-    write_bids_recording(str(root / "bids"), subject="01", task="faces", video=str(video))
-    recordings = gmfx.find_recordings(str(root / "bids"))
-    out = Location(str(root / "out"))
-    client = request.getfixturevalue("dask_client")
-    gmfx.run_recon(recordings, out, client=client, device="cpu", progress=False)
-    return recordings, out, client, motion
-
-
 @pytest.mark.slow
-def test_overlay_of_the_astronaut_lands_inside_an_independent_face_detector_box(astronaut_dataset):
+def test_overlay_of_the_astronaut_lands_inside_an_independent_face_detector_box(astronaut_recon, dask_client):
     """OpenCV's Haar cascade (not MediaPipe) finds the face box; the rendered mesh's pixels lie inside
     it (grown by 30% about its centre: Haar boxes stop at the chin, the mesh reaches below it) and fill
     much of it."""
@@ -133,9 +117,9 @@ def test_overlay_of_the_astronaut_lands_inside_an_independent_face_detector_box(
 
     from gmfx.render import run_render
 
-    recordings, out, client, motion = astronaut_dataset
+    recordings, out, motion = astronaut_recon(10, max_angle=10, max_shift=8)
     view = ViewOptions(space="image", panels=("mesh", "overlay", "original"))
-    (video,) = run_render(recordings, out, client=client, view=view, segment_frames=4, progress=False)
+    (video,) = run_render(recordings, out, client=dask_client, view=view, segment_frames=4, progress=False)
     assert video.url.endswith("sub-01_task-faces_recon_image_mesh-overlay-original.mp4")
     times, images = decoded(video.url)
     frames = gmfx.open_frames(store_location(out, recordings[0], "decode"))

@@ -42,9 +42,9 @@ import numpy as np
 import torch
 
 from gmfx.models._base import Backend, Face, Identity, Outputs, Topology
-from gmfx.models._bfm import BfmLayer, read_bfm
+from gmfx.models._bfm import BFM_FILE, BfmLayer, BfmModel, load_bfm
 from gmfx.models._crops import box_from_landmarks, square_crop, warp_crops
-from gmfx.models._files import ModelFile, read_model_file
+from gmfx.models._files import ModelFile
 from gmfx.models._files import model_dir as resolve_model_dir
 from gmfx.models._fitting import CODE_SIZES, FRAME_CODES, IDENTITY_CODES, LOSS_TERMS, Decoded, FitOptions, Renderer, Targets, fit_identity, fit_video
 from gmfx.models._landmarks68 import Landmarks68, LandmarkSource, resolve_landmark_source
@@ -52,13 +52,6 @@ from gmfx.storage import Location
 
 __all__ = ["CROP_SCALE", "CROP_SIZE", "BfmFitBackend", "bfm_fit_vertices", "frame_space"]
 
-BFM_FILE = ModelFile(
-    "bfm",
-    ("BFM/BFM_model_front.mat", "BFM/BFM09_model_info.mat"),
-    "Basel Face Model (front, with expressions)",
-    "register at https://faces.dmi.unibas.ch/bfm/main.php?nav=1-2&id=downloads for BFM 2009 (01_MorphableModel.mat), get "
-    "Exp_Pca.bin (Guo et al., 3DFace), and convert them as Deep3DFaceRecon_pytorch does into BFM/BFM_model_front.mat",
-)
 CROP_SIZE = 224
 #: crop side / DECA's landmark box: the 68 points then span ~150 of 224 px, as BFM's do at trans = 0
 CROP_SCALE = 1.35
@@ -144,19 +137,18 @@ def frame_space(layer: BfmLayer, codes: Mapping[str, torch.Tensor], crop: np.nda
     return world.astype(np.float32), world[:, keypoints].astype(np.float32), mat.astype(np.float32)
 
 
-@lru_cache(maxsize=4)
-def _layer(url: str, storage_options: str) -> BfmLayer:
-    data, where = read_model_file(Location(url, json.loads(storage_options)), BFM_FILE)
-    return BfmLayer(read_bfm(data, where=where))
-
-
 def _layer_of(root: Location) -> BfmLayer:
-    return _layer(root.url, json.dumps(root.storage_options, sort_keys=True, default=str))
+    return _layers(load_bfm(root))
+
+
+@lru_cache(maxsize=4)
+def _layers(model: BfmModel) -> BfmLayer:
+    return BfmLayer(model)
 
 
 def _vertex_block(block: np.ndarray, *, url: str) -> np.ndarray:
     """Vertices ``(t, f, N, 3)`` of a ``(t, f, 80 + 64 + 3 + 3 + 3)`` block of id, exp, angle, trans, crop."""
-    layer = _layer(url, "{}")
+    layer = _layer_of(Location(url, {}))
     t, f = block.shape[:2]
     flat = block.reshape(t * f, -1)
     out = np.full((t * f, layer.n_vertices, 3), np.nan, np.float32)

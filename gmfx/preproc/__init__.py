@@ -4,8 +4,8 @@ Every function takes and returns an ``xarray.Dataset`` backed by Dask arrays and
 see :mod:`gmfx.stages.preproc` for writing the results to stores.
 """
 
-from gmfx.preproc._api import DEFAULT_MAX_GAP, align, epoch, filter, interpolate, open_recon, reference_shape
+from gmfx.preproc._api import DEFAULT_MAX_GAP, FrameRecipe, align, align_with_frames, epoch, filter, interpolate, open_recon, reference_shape
 from gmfx.preproc._evoked import evoked, to_mne
 from gmfx.preproc._rigid import MOTION_PARAMS
 
-__all__ = ["DEFAULT_MAX_GAP", "MOTION_PARAMS", "align", "epoch", "evoked", "filter", "interpolate", "open_recon", "reference_shape", "to_mne"]
+__all__ = ["DEFAULT_MAX_GAP", "FrameRecipe", "MOTION_PARAMS", "align", "align_with_frames", "epoch", "evoked", "filter", "interpolate", "open_recon", "reference_shape", "to_mne"]

@@ -41,6 +41,7 @@ def open_mesh_store(source: Source) -> tuple[xr.Dataset, str]:
     if isinstance(source, xr.Dataset):
         return source, "the given dataset"
     location = _location(source)
+    location.exists()  # one request first: an unreachable endpoint is one clear error, not zarr's parallel probes
     try:
         return xr.open_zarr(**location.zarr_kwargs()), location.url
     except (FileNotFoundError, KeyError, ValueError) as error:
@@ -49,6 +50,8 @@ def open_mesh_store(source: Source) -> tuple[xr.Dataset, str]:
             where=location.url,
             fix="give the URL of a store with v and tris (a recon, preproc or model store)",
         ) from error
+    except Exception as error:  # noqa: BLE001 - an unreachable endpoint, refused credentials: one clear message
+        raise location.error("the mesh store cannot be opened", error) from None
 
 
 def _open_frames(frames: Source | None) -> xr.Dataset | None:

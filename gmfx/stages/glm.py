@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import dask
 import dask.array as da
-import numpy as np
 import xarray as xr
-import zarr
 from distributed import Client
 
 from gmfx import analysis
@@ -32,8 +30,9 @@ from gmfx._errors import EventsError, ParameterError
 from gmfx._execute import StorePlan, execute_plans
 from gmfx.analysis._api import versions
 from gmfx.dataset import Recording
-from gmfx.stages.preproc import _encoding, _pickled, _portable_strings
+from gmfx.stages.preproc import _encoding, _pickled
 from gmfx.storage import Location, RegionStore, open_dataset, plan_token, store_location
+from gmfx.storage._template import lazy_template
 from gmfx.types import Task
 
 __all__ = ["glm", "group", "generate", "write_result", "glm_location", "group_location", "generated_location"]
@@ -73,23 +72,6 @@ def _blocked(ds: xr.Dataset) -> list[str]:
     return [n for n in ds.data_vars if "vertex" in ds[n].dims and n not in ("template",)]
 
 
-def _template(ds: xr.Dataset, step: int) -> xr.Dataset:
-    template = ds.copy()
-    for name in template.variables:
-        template[name].encoding = {}
-    blocked = _blocked(ds)
-    for name in blocked:
-        array = ds[name]
-        chunks = tuple(step if d == "vertex" else -1 for d in array.dims)
-        template[name] = (array.dims, da.zeros(array.shape, dtype=array.dtype, chunks=chunks), array.attrs)
-    rest = [n for n in template.variables if n not in blocked]
-    computed = dict(zip(rest, dask.compute(*[template[n] for n in rest]), strict=True))
-    computed = {n: _portable_strings(c) for n, c in computed.items()}
-    return template.assign(**{n: c for n, c in computed.items() if n in template.data_vars}).assign_coords(
-        **{n: c for n, c in computed.items() if n in template.coords}
-    )
-
-
 def plan_result(ds: xr.Dataset, location: Location, *, stage: str, source: str, overwrite: bool = False, label: str = "") -> StorePlan:
     """Write the template of a lazy analysis result and plan one task per vertex block."""
     blocks = _vertex_blocks(ds)
@@ -98,7 +80,8 @@ def plan_result(ds: xr.Dataset, location: Location, *, stage: str, source: str, 
     plan = {"regions": len(blocks), "source": source, "history": ds.attrs.get("gmfx_history", []), "vertex_chunk": step,
             "layout": "vertex-blocks"}  # fmt: skip
     store = RegionStore(location, stage)
-    done = store.prepare(_template(ds, step), plan=plan, overwrite=overwrite, encoding=_encoding(ds, blocked))
+    template = lazy_template(ds, written=blocked, chunks={"vertex": step})
+    done = store.prepare(template, plan=plan, overwrite=overwrite, encoding=_encoding(ds, blocked))
     token = plan_token(location, plan)
     tasks = []
     for index, a, b in blocks:
@@ -106,29 +89,24 @@ def plan_result(ds: xr.Dataset, location: Location, *, stage: str, source: str, 
             continue
         arrays = {}
         for name in blocked:
-            axis = ds[name].dims.index("vertex")
             data = ds[name].data if isinstance(ds[name].data, da.Array) else da.from_array(ds[name].data)
-            arrays[name] = (data[(slice(None),) * axis + (slice(a, b),)], axis)
-        graph = _pickled({n: x for n, (x, _) in arrays.items()})
+            arrays[name] = data[(slice(None),) * ds[name].dims.index("vertex") + (slice(a, b),)]
         tasks.append(Task(key=f"{stage}-block-{token}-{index:06d}", function=_write_block,
-                          args=(location, stage, index, a, b, graph, {n: ax for n, (_, ax) in arrays.items()}), weight=b - a))  # fmt: skip
+                          args=(location, stage, index, a, b, _pickled(arrays)), weight=b - a))  # fmt: skip
     attrs = {"gmfx_history": ds.attrs.get("gmfx_history", []), "gmfx_source": source, "gmfx_versions": json.dumps(versions())}
     if "gmfx_design" in ds.attrs:
         attrs["gmfx_design"] = ds.attrs["gmfx_design"]
     return StorePlan(store=store, tasks=tasks, regions=len(blocks), attrs=attrs, label=label or location.url)
 
 
-def _write_block(location: Location, stage: str, index: int, start: int, stop: int, graph: bytes, axes: Mapping[str, int]) -> int:
-    """Compute the vertex block ``start:stop`` of every blocked variable and write it (a task)."""
+def _write_block(location: Location, stage: str, index: int, start: int, stop: int, graph: bytes) -> int:
+    """Compute the vertex block ``start:stop`` of every blocked variable and write it (a task); chunks that
+    hold only the fill value (NaN: vertices without data) are left unwritten and read as NaN."""
     import cloudpickle
 
     arrays = cloudpickle.loads(graph)
     values = dict(zip(arrays, dask.compute(*arrays.values(), scheduler="sync"), strict=True))
-    group = zarr.open_group(**location.zarr_kwargs(), mode="r+", zarr_format=3)
-    for name, value in values.items():
-        where = tuple(slice(start, stop) if i == axes[name] else slice(None) for i in range(value.ndim))
-        group[name][where] = np.asarray(value, dtype=group[name].dtype)
-    RegionStore(location, stage).mark_done(index)
+    RegionStore(location, stage).write_block(values, offsets={"vertex": start}, region=index, write_empty_chunks=False)
     return stop - start
 
 

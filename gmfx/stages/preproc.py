@@ -25,14 +25,18 @@ the store is marked complete only when every marker is in.
 Speed (measured on a 2-core box, 5,023 vertices at 30 fps; see ``benchmarks/preproc.py``):
 
 * each region task computes the alignment of its own frames plus the few halo frames interpolation
-  needs (per-frame recipes in :mod:`gmfx.preproc`), never whole neighbouring chunks;
+  needs (``align_with_frames`` hands its per-frame recipes to ``interpolate(frames=...)``), never whole
+  neighbouring chunks;
 * a task's graph is culled, not blockwise-fused by ``dask.optimize`` (fusion would repeat the shared
   fit once per output variable); a whole-recording reference (``first``, ``mean``) is computed once;
 * the filter reads each vertex block with a single rechunk of the scratch store (a chained rechunk
   would make every block read the whole store) and runs a numba ``sosfiltfilt`` with SciPy's
   recurrence over all columns at once (~10x SciPy's per-column loop);
 * the scratch store is uncompressed; float results use byte-shuffled LZ4 (smaller and several times
-  faster than zarr's default zstd on float32 vertices).
+  faster than zarr's default zstd on float32 vertices);
+* filter blocks are sized by work (:func:`vertex_block_size`): a short recording is one block (the
+  example's 72 frames: 3 preproc tasks in all, where 8 blocks of 0.05 MB each cost 0.58 s of task time
+  for 4 ms of filtering), a long one up to 48 MB a block.
 """
 
 from __future__ import annotations
@@ -60,14 +64,20 @@ from gmfx.dataset import Recording
 from gmfx.storage import Location, LocationLike, RegionStore, as_location, open_dataset, plan_token, store_location
 from gmfx.storage._fingerprint import file_digest, relative_name, require_chunks, store_fingerprint
 from gmfx.storage._regions import _plan_json
+from gmfx.storage._template import lazy_template
 from gmfx.types import Task
 
-__all__ = ["run_preproc", "run_epochs", "run_chain", "write_lazy", "chain"]
+__all__ = ["run_preproc", "run_epochs", "run_chain", "write_lazy", "chain", "vertex_block_size"]
 
 #: float32 bytes of ``v`` per vertex block of a filtered store (the filter holds ~3x that in float64)
 _BLOCK_BYTES = 48 * 2**20
-#: fewest vertex blocks a filtered store is split into
+#: vertex blocks a filtered store is split into when it is large enough (so one recording keeps workers busy)
 _MIN_BLOCKS = 8
+#: smallest block worth a task of its own: a filter task's fixed cost (its graph unpickled, two stores
+#: opened, a marker written) was ~70 ms on a loaded 2-core box, and the numba filter runs at ~110-150 MB/s
+#: of float32 input there, so a block under ~8 MB spends about as long being a task as being filtered
+#: (the example's 72 frames x 478 vertices made 8 blocks of 0.05 MB: 0.58 s of task time for 4 ms of filtering)
+_MIN_TASK_BYTES = 8 * 2**20
 #: codecs of the scratch store: written once, read once, deleted; float noise barely compresses
 _SCRATCH_ENCODING = {"compressors": None}
 #: codecs of float time series in result stores: byte-shuffled LZ4 packs float32 vertices to ~84% at
@@ -99,11 +109,16 @@ def _global_references(ds: xr.Dataset, align: Options, client: Client | None) ->
 
 
 def chain(ds: xr.Dataset, *, align: Options = True, interpolate: Options = True, filter: Options = True) -> xr.Dataset:  # noqa: A002
-    """The lazy chain align -> interpolate -> filter with the steps given (``True`` = defaults, a dict = options)."""
-    for step, value in (("align", align), ("interpolate", interpolate), ("filter", filter)):
-        options = _options(value)
-        if options is not None:
-            ds = getattr(ops, step)(ds, **options)
+    """The lazy chain align -> interpolate -> filter with the steps given (``True`` = defaults, a dict = options).
+
+    Interpolation gets align's frame recipes, so that each chunk aligns only the frames it reads."""
+    frames: dict[str, ops.FrameRecipe] = {}
+    if (options := _options(align)) is not None:
+        ds, frames = ops.align_with_frames(ds, **options)
+    if (options := _options(interpolate)) is not None:
+        ds = ops.interpolate(ds, **{"frames": frames, **options})
+    if (options := _options(filter)) is not None:
+        ds = ops.filter(ds, **options)
     return ds
 
 
@@ -118,24 +133,7 @@ def _leading(ds: xr.Dataset) -> tuple[str, list[str]]:
 def _template(ds: xr.Dataset, chunk: int, vertex_chunk: int | None) -> xr.Dataset:
     """Every leading-dim variable as lazy zeros chunked by ``chunk`` (and ``vertex_chunk``); the rest computed."""
     lead, timed = _leading(ds)
-    template = ds.copy()
-    for name in template.variables:
-        template[name].encoding = {}
-    for name in timed:
-        array = ds[name]
-        chunks = {0: chunk, **({array.dims.index("vertex"): vertex_chunk} if vertex_chunk and "vertex" in array.dims else {})}
-        chunks = tuple(chunks.get(axis, -1) for axis in range(array.ndim))
-        template[name] = (array.dims, da.zeros(array.shape, dtype=array.dtype, chunks=chunks), array.attrs)
-    computed = {name: _portable_strings(template[name].compute()) for name in template.variables if name not in timed}
-    return template.assign(**{n: c for n, c in computed.items() if n in template.data_vars}).assign_coords(
-        **{n: c for n, c in computed.items() if n in template.coords}
-    )
-
-
-def _portable_strings(array: xr.DataArray) -> xr.DataArray:
-    """Fixed-width unicode (``<U``) has no Zarr v3 specification (zarr warns): store strings as variable-length
-    strings instead, which read back as the same strings."""
-    return array.astype(object) if array.dtype.kind == "U" else array
+    return lazy_template(ds, written=timed, chunks={lead: chunk, **({"vertex": vertex_chunk} if vertex_chunk else {})})
 
 
 def _encoding(ds: xr.Dataset, timed: Sequence[str], *, scratch: bool = False) -> dict[str, dict]:
@@ -268,9 +266,17 @@ def _scratch(location: Location) -> Location:
 
 
 def _vertex_chunk(ds: xr.Dataset) -> int:
-    n_time, n_face, n_vertex, n_coord = ds["v"].shape
-    # at most _BLOCK_BYTES a block, and at least _MIN_BLOCKS blocks so that a short recording keeps every worker busy
-    return int(max(1, min(-(-n_vertex // _MIN_BLOCKS), _BLOCK_BYTES // (4 * n_time * n_face * n_coord))))
+    return vertex_block_size(*ds["v"].shape)
+
+
+def vertex_block_size(n_time: int, n_face: int, n_vertex: int, n_coord: int) -> int:
+    """Vertices per block of a filtered store, sized by work: at most ``_BLOCK_BYTES`` of float32 a
+    block; ``_MIN_BLOCKS`` blocks when each still holds ``_MIN_TASK_BYTES``, fewer (down to one) for
+    shorter recordings, whose filtering would otherwise cost less than scheduling its tasks."""
+    vertex_bytes = 4 * n_time * n_face * n_coord
+    total = vertex_bytes * n_vertex
+    blocks = max(1, -(-total // _BLOCK_BYTES), min(_MIN_BLOCKS, total // _MIN_TASK_BYTES))
+    return int(max(1, min(-(-n_vertex // blocks), _BLOCK_BYTES // vertex_bytes)))
 
 
 def run_chain(

@@ -23,7 +23,6 @@ bit for bit). A recording in which pass 1 sees no face keeps NaN identity rows a
 from __future__ import annotations
 
 import json
-import sys
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +36,7 @@ from distributed import Client
 
 from gmfx._errors import GmfxWarning, ModelError, ParameterError, StorageError, parameter
 from gmfx._execute import StorePlan, run_tasks
+from gmfx._threads import limit_threads
 from gmfx._version import __version__
 from gmfx.cluster import GPU_FIX, require_resource, resolve_device
 from gmfx.dataset import Recording
@@ -44,9 +44,9 @@ from gmfx.models import Backend, Face, Identity, get_backend, load_backend
 from gmfx.models._output import pack_faces
 from gmfx.models._tracking import segment_ends, stitch_segments
 from gmfx.stages.decode import FrameReader, open_frames
-from gmfx.storage import Location, LocationLike, RegionStore, as_location, plan_token, store_location
+from gmfx.storage import Location, LocationLike, RegionStore, as_location, open_dataset, plan_token, redact, store_location
 from gmfx.storage._fingerprint import require_chunks, store_fingerprint
-from gmfx.storage._retry import is_transient
+from gmfx.storage._retry import retry_transient
 from gmfx.types import STAGES, Region, Task, split_regions
 
 __all__ = [
@@ -271,7 +271,7 @@ def recon_template(
         "time": ("time", frames["time"].values, frames["time"].attrs),
         "frame": ("time", frames["frame"].values),
         "face": ("face", np.arange(max_faces)),
-        "coord": ("coord", np.array(["x", "y", "z"], dtype=object)),  # variable-length strings (zarr v3 spec)
+        "coord": ("coord", ["x", "y", "z"]),
     }
     return xr.Dataset(data, coords=coords)
 
@@ -321,10 +321,15 @@ def estimate_identity_region(
     frames = _frames_array(frames_location)
     picks = identity_sample(frames.shape[0], backend.identity_frames)
     try:
-        images = frames.get_orthogonal_selection((picks,))
+        images = retry_transient(
+            lambda: frames.get_orthogonal_selection((picks,)),
+            what="reading the frames the identity pass samples from the decode store",
+            where=frames_location.url,
+            redactor=lambda text: redact(text, frames_location.storage_options),
+        )
+    except StorageError:
+        raise
     except Exception as error:  # noqa: BLE001
-        if is_transient(error):
-            raise
         raise StorageError(
             f"the frames the identity pass samples cannot be read ({type(error).__name__}: {error})",
             where=frames_location.url,
@@ -392,9 +397,9 @@ def read_identities(location: Location, backend: type[Backend]) -> list[Identity
 
 
 def _worker_model(backend: type[Backend], device: str, options: Mapping[str, Any]) -> Backend:
+    limit_threads(1)  # one core per Dask thread, whatever started the worker (gmfx._threads)
     model = load_backend(backend, device, dict(options))
-    if device == "cpu" and "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(1)  # one core per worker process on CPU
+    limit_threads(1)  # and for the libraries the model's first load imported
     model.reset()
     return model
 
@@ -432,7 +437,7 @@ def reconstruct_region(
         model = _worker_model(backend, device, options)
         extra = {} if identities is None else {"identities": identities}
         faces = []
-        for start, batch in _read_ahead(_frames_array(frames_location), region, batch_size, where=frames_location.url):
+        for start, batch in _read_ahead(_frames_array(frames_location), region, batch_size, where=frames_location):
             found = model.reconstruct(batch, max_faces=max_faces, **extra)
             if len(found) != len(batch):
                 raise ModelError(
@@ -449,22 +454,28 @@ def reconstruct_region(
     return int(arrays["detected"].any(axis=1).sum())
 
 
-def _read_ahead(frames: FrameReader, region: Region, batch_size: int, *, where: str) -> Iterator[tuple[int, np.ndarray]]:
+def _read_ahead(frames: FrameReader, region: Region, batch_size: int, *, where: Location) -> Iterator[tuple[int, np.ndarray]]:
     """``(start, frames)`` batches of ``region``; the next batch is read (and decompressed) in a
-    background thread while the caller works on the current one. A chunk that cannot be decoded (a
-    truncated file) raises a :class:`StorageError` naming the store and the chunks."""
+    background thread while the caller works on the current one. Transient failures (a throttled
+    bucket) are retried; a chunk that cannot be decoded (a truncated file) raises a
+    :class:`StorageError` naming the store and the chunks."""
     starts = list(range(region.start, region.stop, batch_size))
 
     def read(start: int) -> np.ndarray:
         stop = min(start + batch_size, region.stop)
         try:
-            return frames[start:stop]
+            return retry_transient(
+                lambda: frames[start:stop],
+                what=f"reading frames {start}-{stop - 1} of the decode store",
+                where=where.url,
+                redactor=lambda text: redact(text, where.storage_options),
+            )
+        except StorageError:
+            raise
         except Exception as error:  # noqa: BLE001
-            if is_transient(error):
-                raise  # the task is retried
             raise StorageError(
                 f"frames {start}-{stop - 1} of the decode store cannot be read ({type(error).__name__}: {error})",
-                where=f"{where} (chunks {frames.chunk_names(start, stop)})",
+                where=f"{where.url} (chunks {frames.chunk_names(start, stop)})",
                 fix="the store is damaged: rewrite it with gmfx decode --overwrite, or copy it again",
             ) from error
 

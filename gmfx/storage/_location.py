@@ -10,6 +10,8 @@ from typing import Any
 
 import fsspec
 
+from gmfx._errors import StorageError, hide_url_credentials
+
 __all__ = ["Location", "LocationLike", "as_location", "join_url", "parse_key_values", "parse_storage_options", "redact"]
 
 
@@ -63,7 +65,20 @@ class Location:
 
     def exists(self) -> bool:
         fs, path = self.filesystem()
-        return fs.exists(path)
+        try:
+            return fs.exists(path)
+        except Exception as error:  # noqa: BLE001 - e.g. an endpoint that does not answer
+            raise self.error("the storage cannot be reached", error) from None
+
+    def error(self, what: str, error: BaseException) -> StorageError:
+        """A :class:`~gmfx.StorageError` saying ``what`` happened here because of ``error``, with every
+        credential of the storage options (and of URLs) removed. Raise it ``from None``: the original error
+        may quote them."""
+        return StorageError(
+            f"{what} ({redact(f'{type(error).__name__}: {error}', self.storage_options)})",
+            where=self.url,
+            fix="check the URL, the endpoint (client_kwargs.endpoint_url) and the credentials",
+        )
 
     def open(self, mode: str = "rb"):
         """Open the file at this location (a context manager)."""
@@ -149,7 +164,8 @@ _SECRET_WORDS = ("secret", "key", "token", "password", "passwd", "credential", "
 
 
 def redact(text: str, storage_options: Mapping[str, Any] | None) -> str:
-    """Remove every secret-looking storage option value from ``text``."""
+    """Remove every secret-looking storage option value, and the ``user:password@`` of every URL (an
+    endpoint URL's credentials), from ``text``."""
 
     def values(options: Mapping[str, Any]):
         for key, value in options.items():
@@ -160,4 +176,4 @@ def redact(text: str, storage_options: Mapping[str, Any] | None) -> str:
 
     for secret in values(storage_options or {}):
         text = text.replace(secret, "***")
-    return text
+    return hide_url_credentials(text)

@@ -32,6 +32,7 @@ from gmfx._errors import IncompleteStoreError, StorageError
 from gmfx.storage._frames_schema import rgb_view
 from gmfx.storage._location import Location, LocationLike, as_location, redact
 from gmfx.storage._retry import is_transient, retry_transient
+from gmfx.storage._template import portable_strings
 
 __all__ = ["RegionStore", "open_dataset", "open_store", "plan_token"]
 
@@ -155,7 +156,7 @@ class RegionStore:
 
     def _write_template(self, template: xr.Dataset, plan: Mapping[str, Any], plan_json: str, encoding) -> set[int]:
         self.delete()
-        template = template.copy()
+        template = portable_strings(template.copy())
         template.attrs.update(
             gmfx_stage=self.stage, gmfx_plan=plan_json, gmfx_regions=int(plan["regions"]), gmfx_complete=False,
             gmfx_instance=uuid.uuid4().hex,  # this template's identity: kept while regions are resumed into it
@@ -245,14 +246,21 @@ class RegionStore:
         )
 
     def write_block(
-        self, arrays: Mapping[str, np.ndarray], *, offsets: Mapping[str, int], region: int | None = None
+        self,
+        arrays: Mapping[str, np.ndarray],
+        *,
+        offsets: Mapping[str, int],
+        region: int | None = None,
+        write_empty_chunks: bool = True,
     ) -> None:
         """Write ``arrays`` into the store's arrays of the same names, starting at ``offsets`` along the
         dimensions named there (e.g. ``{"vertex": 128}``) and over the whole extent of the others.
 
         Transient failures are retried (the write is idempotent); when ``region`` is given, its marker
         is written after every byte of the block is in. Blocks must start and end on chunk boundaries,
-        so concurrent writers never share a chunk.
+        so concurrent writers never share a chunk. ``write_empty_chunks=False`` leaves out the chunks that
+        hold only the fill value (they read as it): for sparse results that no stage reads with
+        :func:`~gmfx.storage._fingerprint.require_chunks`, where a missing chunk means a damaged store.
         """
 
         def selection(name: str, array: zarr.Array, values: np.ndarray) -> tuple[slice, ...]:
@@ -277,20 +285,29 @@ class RegionStore:
             what=f"writing {', '.join(arrays)} from {at}{'' if region is None else f' (region {region})'} "
             f"of the {self.stage} store",
             region=region,
+            write_empty_chunks=write_empty_chunks,
         )
 
-    def _write(self, arrays: Mapping[str, np.ndarray], selection, *, what: str, region: int | None) -> None:
+    def _write(
+        self, arrays: Mapping[str, np.ndarray], selection, *, what: str, region: int | None, write_empty_chunks: bool = True
+    ) -> None:
         """The one writer: open, write every array at ``selection(name, array, values)``, then the marker;
         retried whole on transient failures, with credentials redacted from every message."""
 
         def write() -> None:
             group = self._group("r+")
             for name, values in arrays.items():
-                # every chunk is written as it is: zarr's scan for all-fill-value chunks costs more
-                # than compressing them (measured ~2 ms per 640x360 frame), and a missing chunk then
+                # by default every chunk is written as it is: zarr's scan for all-fill-value chunks costs
+                # more than compressing them (measured ~2 ms per 640x360 frame), and a missing chunk then
                 # always means a damaged store
-                array = group[name].with_config({"write_empty_chunks": True})
-                array[selection(name, array, values)] = np.asarray(values, dtype=array.dtype)
+                array = group[name].with_config({"write_empty_chunks": write_empty_chunks})
+                where = selection(name, array, values)
+                try:
+                    array[where] = np.asarray(values, dtype=array.dtype)
+                except Exception as error:
+                    # an object store's error names no key (S3's "503 SlowDown"): say which chunks were written
+                    error.add_note(f"while writing {self._chunks(name, array, where)}")
+                    raise
             if region is not None:
                 self._mark(region)
 
@@ -298,6 +315,18 @@ class RegionStore:
         retry_transient(
             write, what=what, where=self.location.url, redactor=lambda text: redact(text, self.location.storage_options)
         )
+
+    def _chunks(self, name: str, array: zarr.Array, where: tuple[slice, ...]) -> str:
+        """The URL(s) of the chunks (shards, when sharded) of ``array`` that ``where`` covers."""
+        grid = array.metadata.chunk_grid.chunk_shape
+        bounds = [s.indices(n) for s, n in zip(where, array.shape, strict=True)]
+        first = tuple(start // size for (start, _, _), size in zip(bounds, grid, strict=True))
+        last = tuple(max(start, stop - 1) // size for (start, stop, _), size in zip(bounds, grid, strict=True))
+        url = self.location.child(name).url
+        count = int(np.prod([b - a + 1 for a, b in zip(first, last, strict=True)]))
+        if count == 1:
+            return f"chunk {url}/{array.metadata.encode_chunk_key(first)}"
+        return f"{count} chunks {url}/{array.metadata.encode_chunk_key(first)} to {array.metadata.encode_chunk_key(last)}"
 
     def mark_done(self, index: int) -> None:
         """Record that region ``index`` is written, for a region written in several :meth:`write_block`

@@ -9,7 +9,7 @@ from typing import TypeVar
 
 from gmfx._errors import GmfxError, StorageError
 
-__all__ = ["retry_transient", "is_transient", "storage_retries"]
+__all__ = ["describe", "retry_transient", "is_transient", "storage_retries"]
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -45,6 +45,11 @@ def is_transient(error: BaseException) -> bool:
     return isinstance(error, (OSError, TimeoutError, ConnectionError))
 
 
+def describe(error: BaseException) -> str:
+    """``Type: message`` of ``error`` with its notes (e.g. the chunk a store write was writing)."""
+    return "; ".join([f"{type(error).__name__}: {error}", *getattr(error, "__notes__", ())])
+
+
 def retry_transient(
     operation: Callable[[], T],
     *,
@@ -66,8 +71,8 @@ def retry_transient(
         except Exception as error:
             if isinstance(error, GmfxError):
                 raise
+            detail = describe(error)
             if not is_transient(error):
-                detail = f"{type(error).__name__}: {error}"
                 if redactor(detail) == detail:
                     raise
                 # a driver that quotes its options (credentials) in its errors: never let them out
@@ -78,8 +83,7 @@ def retry_transient(
                 ) from None
             if attempt == budget:
                 raise StorageError(
-                    f"{what} failed {budget + 1} times in a row; last error: "
-                    + redactor(f"{type(error).__name__}: {error}"),
+                    f"{what} failed {budget + 1} times in a row; last error: " + redactor(detail),
                     where=where,
                     fix="check the storage service and network; raise GMFX_STORAGE_RETRIES for a flaky "
                     "connection; rerun the same command to resume",

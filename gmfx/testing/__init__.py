@@ -5,7 +5,8 @@
 - synthetic face sequences with known rigid motion, and recon stores made from them
   (:func:`synthetic_face`, :func:`write_synthetic_recon`);
 - a real S3-compatible server on 127.0.0.1 (:func:`local_s3_server`; needs the ``test`` extra);
-- fault injection for storage (:class:`FlakyFileSystem`, ``flaky://`` URLs);
+- fault injection for storage (:class:`FlakyFileSystem`, ``flaky://`` URLs; :class:`ThrottlingProxy`, S3's
+  ``503 SlowDown`` on a deterministic schedule in front of the local S3 server);
 - a conformance check for reconstruction backends (:func:`check_backend`) and tiny real backends
   (one with a per-face identity: :class:`ColourIdentityBackend`);
 - a real-face video with known head motion (:func:`astronaut_motion`; needs scikit-image);
@@ -29,6 +30,7 @@ from gmfx.testing._model_files import (
     write_model_dir,
 )
 from gmfx.testing._s3 import local_s3_server, make_bucket, s3_storage_options
+from gmfx.testing._s3_proxy import ThrottlingProxy
 from gmfx.testing._responses import SyntheticResponses, synthetic_responses
 from gmfx.testing._synthetic import SyntheticFace, synthetic_face, synthetic_recon_dataset, write_synthetic_recon
 from gmfx.testing._videos import frame_pattern, read_frame_number, write_bids_recording, write_video
@@ -64,6 +66,7 @@ __all__ = [
     "random_face_meshes",
     "rotation",
     "textured_face",
+    "ThrottlingProxy",
     # BFM family (Deep3DFaceRecon, 3DMM fitting)
     "write_bfm09_sources",
     "write_bfm_lm3d",

@@ -56,7 +56,13 @@ def check_backend(
 
     blank = np.zeros((2, 96, 128, 3), np.uint8)
     model.reset()
-    found = model.reconstruct(blank, max_faces=max_faces)
+    if cls.identity:  # the identity pass sees no face in blank frames (the stage then never reconstructs them)
+        seen = model.estimate_identity(blank, max_faces=max_faces)
+        if seen:
+            problems.append(f"blank frames gave {len(seen)} identities, expected none")
+        found = [[] for _ in blank]
+    else:
+        found = model.reconstruct(blank, max_faces=max_faces)
     if len(found) != len(blank) or any(len(faces) for faces in found):
         problems.append(f"blank frames gave {[len(f) for f in found]} faces, expected none")
     else:
@@ -125,10 +131,17 @@ def _topology_problems(topology: Topology) -> list[str]:
 
 
 def _face_problems(model: Backend, cls: type[Backend], topology: Topology, frames: np.ndarray, max_faces: int) -> list[str]:
+    extra: dict[str, Any] = {}
+    if cls.identity:
+        model.reset()
+        identities = model.estimate_identity(frames, max_faces=max_faces)
+        if not identities:
+            return ["estimate_identity found no face in the given face frames"]
+        extra = {"identities": identities, "n_identities": len(identities)}
     model.reset()
-    whole = model.reconstruct(frames, max_faces=max_faces)
+    whole = model.reconstruct(frames, max_faces=max_faces, **{k: v for k, v in extra.items() if k == "identities"})
     try:
-        packed = pack_faces(whole, cls, max_faces=max_faces)
+        packed = pack_faces(whole, cls, max_faces=max_faces, n_identities=extra.get("n_identities"))
     except ModelError as error:
         return [error.what + f" ({error.where})"]
     problems = []
@@ -150,8 +163,9 @@ def _face_problems(model: Backend, cls: type[Backend], topology: Topology, frame
             break
     half = max(1, len(frames) // 2)
     model.reset()
-    split = model.reconstruct(frames[:half], max_faces=max_faces) + model.reconstruct(frames[half:], max_faces=max_faces)
-    again = pack_faces(split, cls, max_faces=max_faces)
+    given = {k: v for k, v in extra.items() if k == "identities"}
+    split = model.reconstruct(frames[:half], max_faces=max_faces, **given) + model.reconstruct(frames[half:], max_faces=max_faces, **given)
+    again = pack_faces(split, cls, max_faces=max_faces, n_identities=extra.get("n_identities"))
     for name, values in packed.items():
         if not np.array_equal(values, again[name], equal_nan=values.dtype.kind == "f"):
             problems.append(f"{name} differs when the frames come in two batches after reset()")

@@ -30,6 +30,7 @@ __all__ = [
     "write_flame_masks",
     "write_flame_pkl",
     "write_landmark_embedding",
+    "write_lightning_checkpoint",
     "write_model_dir",
 ]
 
@@ -266,10 +267,17 @@ def _detail_decoder_state(rng: np.random.Generator) -> OrderedDict:
         index, channels = index + 4, out
     shapes[f"conv_blocks.{index}.weight"] = (1, channels, 3, 3)
     shapes[f"conv_blocks.{index}.bias"] = (1,)
-    return OrderedDict(
-        (key, torch.zeros(shape, dtype=torch.long) if key.endswith("num_batches_tracked") else torch.from_numpy(rng.normal(scale=0.01, size=shape).astype(np.float32)))
-        for key, shape in shapes.items()
-    )
+    def value(key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if key.endswith("num_batches_tracked"):
+            return torch.zeros(shape, dtype=torch.long)
+        if key.endswith("running_var"):  # a variance is positive (random signs made every map NaN)
+            return torch.from_numpy(rng.uniform(0.5, 1.5, size=shape).astype(np.float32))
+        if "conv_blocks" in key and key.endswith(".weight") and len(shape) == 1:  # batch-norm scales near one
+            return torch.from_numpy(rng.uniform(0.8, 1.2, size=shape).astype(np.float32))
+        fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        return torch.from_numpy(rng.normal(scale=1.0 / np.sqrt(fan_in) if len(shape) > 1 else 0.01, size=shape).astype(np.float32))
+
+    return OrderedDict((key, value(key, shape)) for key, shape in shapes.items())
 
 
 def write_deca_model(path: str | Path, *, detail: bool = True, seed: int = 0) -> Path:
@@ -325,35 +333,8 @@ def write_emoca_model(
     state["deca.flame.v_template"] = torch.zeros(5023, 3)
     state["deca.flame.faces_tensor"] = torch.zeros(9976, 3, dtype=torch.long)
     state["emonet_loss.emonet.fc.weight"] = torch.zeros(8, 16)
-    _FakeModelCheckpoint.__module__ = "pytorch_lightning.callbacks.model_checkpoint"
-    _FakeModelCheckpoint.__qualname__ = _FakeModelCheckpoint.__name__ = "ModelCheckpoint"
-    package = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
-    package.ModelCheckpoint = _FakeModelCheckpoint
-    names = ("pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint")
-    saved = {name: sys.modules.get(name) for name in names}
-    for name in names[:2]:
-        sys.modules[name] = types.ModuleType(name)
-    sys.modules[names[2]] = package
     folder = Path(folder)
-    (folder / "detail" / "checkpoints").mkdir(parents=True, exist_ok=True)
-    try:
-        for loss, weights in (("0.41", state), ("0.87", OrderedDict())):
-            checkpoint = {
-                "epoch": 3,
-                "global_step": 1000,
-                "pytorch-lightning_version": "1.4.9",
-                "state_dict": weights,
-                "callbacks": {_FakeModelCheckpoint: {"best_model_score": torch.tensor(float(loss)), "monitor": "val_loss"}},
-                "optimizer_states": [],
-                "lr_schedulers": [],
-            }
-            torch.save(checkpoint, folder / "detail" / "checkpoints" / f"deca-epoch=03-val_loss={loss}.ckpt")
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = value
+    write_lightning_checkpoint(folder / "detail" / "checkpoints", "deca", state)
     jaw, global_ = n_expression_outputs in (53, 56), n_expression_outputs == 56
     stage = {
         "model": {
@@ -365,6 +346,44 @@ def write_emoca_model(
     }
     (folder / "cfg.yaml").write_text(yaml.safe_dump({"coarse": stage, "detail": stage}))
     return folder
+
+
+def write_lightning_checkpoint(folder: str | Path, stem: str, state: OrderedDict) -> None:
+    """Write two PyTorch-Lightning 1.4 checkpoints ``<stem>-epoch=03-val_loss={0.41,0.87}.ckpt`` into
+    ``folder``: ``epoch``, ``global_step``, ``pytorch-lightning_version``, ``state_dict`` (``state`` in
+    the best, an empty one in the other), ``callbacks`` keyed by the callback *class* (a stand-in for
+    ``pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint``), empty optimizer states."""
+    import torch
+
+    _FakeModelCheckpoint.__module__ = "pytorch_lightning.callbacks.model_checkpoint"
+    _FakeModelCheckpoint.__qualname__ = _FakeModelCheckpoint.__name__ = "ModelCheckpoint"
+    package = types.ModuleType("pytorch_lightning.callbacks.model_checkpoint")
+    package.ModelCheckpoint = _FakeModelCheckpoint
+    names = ("pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint")
+    saved = {name: sys.modules.get(name) for name in names}
+    for name in names[:2]:
+        sys.modules[name] = types.ModuleType(name)
+    sys.modules[names[2]] = package
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        for loss, weights in (("0.41", state), ("0.87", OrderedDict())):
+            checkpoint = {
+                "epoch": 3,
+                "global_step": 1000,
+                "pytorch-lightning_version": "1.4.9",
+                "state_dict": weights,
+                "callbacks": {_FakeModelCheckpoint: {"best_model_score": torch.tensor(float(loss)), "monitor": "val_loss"}},
+                "optimizer_states": [],
+                "lr_schedulers": [],
+            }
+            torch.save(checkpoint, folder / f"{stem}-epoch=03-val_loss={loss}.ckpt")
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = value
 
 
 def write_model_dir(

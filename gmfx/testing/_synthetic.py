@@ -154,8 +154,6 @@ def write_synthetic_recon(location: Location, face: SyntheticFace, *, chunk: int
     template = ds.copy()
     for name in ("time", "frame"):
         template[name] = ("time", da.zeros(ds.sizes["time"], chunks=chunk, dtype=ds[name].dtype), ds[name].attrs)
-    # variable-length strings: fixed-width unicode has no Zarr v3 specification (zarr warns)
-    template = template.assign_coords(coord=template["coord"].astype(object))
     store = RegionStore(location, "recon")
     store.prepare(template, plan={"regions": len(regions), "source": "synthetic"}, overwrite=True)
     timed = {name: np.asarray(ds[name].values) for name in ds.variables if ds[name].dims[:1] == ("time",)}
