@@ -144,13 +144,13 @@ def _markers(store: Location) -> list[str]:
 def test_decode_and_recon_on_s3_through_throttling_equal_a_clean_run(clean, recording, threaded_client, s3_out, monkeypatch):
     monkeypatch.setenv("GMFX_STORAGE_RETRIES", "3")
     url, direct, through = s3_out
-    # chunks 1 and 2 of the frames and chunk 1 of v: their first writes answer 503 (SlowDown, then
+    # shards 1 and 2 of the frames' Y plane and chunk 1 of v: their first writes answer 503 (SlowDown, then
     # ServiceUnavailable, ...); the reads of the frames fail once more than Dask's task retries (2) absorb
-    schedule = {r"^PUT .*_frames\.zarr/frames/c/[12]/": 2, r"^GET .*_frames\.zarr/frames/c/[12]/": 3, r"^PUT .*_recon\.zarr/v/c/1/": 2}
+    schedule = {r"^PUT .*_frames\.zarr/y_plane/c/[12]/": 2, r"^GET .*_frames\.zarr/y_plane/c/[12]/": 3, r"^PUT .*_recon\.zarr/v/c/1/": 2}
     with ThrottlingProxy(direct.storage_options["client_kwargs"]["endpoint_url"], schedule) as proxy:
-        run_decode([recording], through(proxy), client=threaded_client, chunk_frames=8, progress=False)
+        run_decode([recording], through(proxy), client=threaded_client, chunk_frames=8, segment_frames=8, progress=False)
         run_recon([recording], through(proxy), client=threaded_client, progress=False, **RECON)
-    for kind, (keys, failures) in {"PUT frames": (2, 2), "GET frames": (2, 3), "PUT v": (1, 2)}.items():
+    for kind, (keys, failures) in {"PUT y_plane": (2, 2), "GET y_plane": (2, 3), "PUT v": (1, 2)}.items():
         method, name = kind.split()
         throttled = [key for key in proxy.injected if key.startswith(method) and f"/{name}/c/" in key]
         assert len(throttled) == keys, (kind, sorted(proxy.injected))  # every scheduled chunk was throttled ...
@@ -172,7 +172,7 @@ def test_s3_throttling_past_the_retry_budget_names_the_store_and_chunk_and_marks
     url, direct, through = s3_out
     if stage == "recon":  # a clean decode store to read from
         run_decode([recording], direct, client=threaded_client, chunk_frames=8, progress=False)
-    data = {"decode": r"_frames\.zarr/frames/c/", "recon": r"_recon\.zarr/v/c/"}[stage]
+    data = {"decode": r"_frames\.zarr/[yuv]_plane/c/", "recon": r"_recon\.zarr/v/c/"}[stage]
     endpoint = direct.storage_options["client_kwargs"]["endpoint_url"]
     with ThrottlingProxy(endpoint, {rf"^PUT .*{data}": 10**6}) as proxy, pytest.raises(StorageError) as info:
         if stage == "decode":
@@ -182,7 +182,7 @@ def test_s3_throttling_past_the_retry_budget_names_the_store_and_chunk_and_marks
     message = str(info.value)
     store = store_location(direct, recording, stage)
     assert store.url in message and "failed 2 times in a row" in message, message
-    assert re.search(rf"chunk {re.escape(store.url)}/(frames|v)/c/\d+/0/0/0\b", message), message  # which chunk
+    assert re.search(rf"chunk {re.escape(store.url)}/([yuv]_plane/c/\d+/0/0|v/c/\d+/0/0/0)\b", message), message  # which chunk
     assert "request" in message, message  # the server's reason (SlowDown / ServiceUnavailable) is kept
     assert max(proxy.injected.values()) == 2  # each chunk was tried exactly 1 + GMFX_STORAGE_RETRIES times
     assert SECRET not in message and SECRET not in repr(info.value.__cause__)

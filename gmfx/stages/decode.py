@@ -360,9 +360,14 @@ def _write_shard(
         path = posixpath.join(root, name, key)
         data = builder.finish(chunks)
 
-        def put(path: str = path, data: bytes = data) -> None:
+        def put(path: str = path, data: bytes = data, key: str = key, name: str = name) -> None:
             fs.makedirs(posixpath.dirname(path), exist_ok=True)  # a no-op on object stores
-            fs.pipe_file(path, data)
+            try:
+                fs.pipe_file(path, data)
+            except Exception as error:
+                # an object store's error names no key (S3's "503 SlowDown"): say which shard was written
+                error.add_note(f"while writing chunk {store.location.url.rstrip('/')}/{name}/{key}")
+                raise
 
         retry_transient(
             put,
