@@ -62,13 +62,13 @@ def gpu_utilisation(samples: list[float], stop: threading.Event) -> None:
 
 def model_alone(frames_url: str, n: int, batch: int, device: str, options: dict) -> float:
     """Frames/s of the model over ``n`` frames already in memory (runs on the GPU worker)."""
-    import zarr
+    from gmfx import open_frames
 
     from gmfx.models import load_backend
     from gmfx.testing._gpu_model import SyntheticFlameBackend
 
     model = load_backend(SyntheticFlameBackend, device, options)
-    frames = zarr.open_group(frames_url, mode="r")["frames"][:n]
+    frames = open_frames(frames_url).frames[:n].values
     model.reconstruct(frames[:batch], max_faces=1)  # warm-up: cuDNN autotuning, allocator
     synchronize = _synchronizer(device)
     synchronize()

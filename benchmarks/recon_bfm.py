@@ -76,7 +76,7 @@ def _pil_align(frame: np.ndarray, crop: np.ndarray) -> np.ndarray:
 def deep3d_plain_loop(frames_store: Location, model_dir: str, device: str, batch: int, precision: str) -> float:
     """Seconds of a plain loop over the frames store with Deep3D's steps (models loaded before timing)."""
     import torch
-    import zarr
+    from gmfx import open_frames
 
     from gmfx.models._bfm import split_coefficients
     from gmfx.models.deep3d import Deep3dBackend, alignment_crop, five_points
@@ -84,7 +84,7 @@ def deep3d_plain_loop(frames_store: Location, model_dir: str, device: str, batch
     if device == "cpu":
         torch.set_num_threads(1)
     model = Deep3dBackend.load(device, model_dir=model_dir, precision=precision)  # its network, BFM and detector
-    frames = zarr.open_group(frames_store.url, mode="r")["frames"]
+    frames = open_frames(frames_store).frames.values  # RGB in memory: the plain loop times the model only
 
     def step(chunk: np.ndarray) -> None:
         found = model.detector(chunk, 1)

@@ -65,7 +65,7 @@ def _clip_frames() -> np.ndarray:
 def plain_loop(frames_store: Location, model: str, model_dir: str, device: str, batch: int, precision: str) -> float:
     """Seconds of a plain loop over the frames store with the model's pieces (model loaded before timing)."""
     import torch
-    import zarr
+    from gmfx import open_frames
 
     from gmfx.models import get_backend
     from gmfx.stages.recon import identity_sample
@@ -74,14 +74,14 @@ def plain_loop(frames_store: Location, model: str, model_dir: str, device: str, 
         torch.set_num_threads(1)
     backend = get_backend(model)
     loaded = backend.load(device, model_dir=model_dir, precision=precision)
-    frames = zarr.open_group(frames_store.url, mode="r")["frames"]
+    frames = open_frames(frames_store).frames.values  # RGB in memory: the plain loop times the model only
     extra = {"identities": loaded.estimate_identity(frames[:2], max_faces=1)} if backend.identity else {}
     loaded.reconstruct(frames[:batch], max_faces=1, **extra)  # warm-up (cuDNN autotuning, MediaPipe graph)
     loaded.reset()
     start = time.perf_counter()
     if backend.identity:
         picks = identity_sample(frames.shape[0], backend.identity_frames)
-        extra = {"identities": loaded.estimate_identity(frames.get_orthogonal_selection((picks,)), max_faces=1)}
+        extra = {"identities": loaded.estimate_identity(frames[picks], max_faces=1)}
         loaded.reset()
     for first in range(0, frames.shape[0], batch):
         loaded.reconstruct(frames[first : first + batch], max_faces=1, **extra)
