@@ -46,6 +46,7 @@ from gmfx.models._bfm import BFM_FILE, BfmLayer, BfmModel, load_bfm
 from gmfx.models._crops import box_from_landmarks, square_crop, warp_crops
 from gmfx.models._files import ModelFile
 from gmfx.models._files import model_dir as resolve_model_dir
+from gmfx.models._lazy_vertices import as_dask, require_codes, vertex_array
 from gmfx.models._fitting import CODE_SIZES, FRAME_CODES, IDENTITY_CODES, LOSS_TERMS, Decoded, FitOptions, Renderer, Targets, fit_identity, fit_video
 from gmfx.models._landmarks68 import Landmarks68, LandmarkSource, resolve_landmark_source
 from gmfx.storage import Location
@@ -166,37 +167,19 @@ def bfm_fit_vertices(ds: Any, *, model_dir: str | None = None) -> Any:
     ``code_trans`` through the BFM of the model directory (``model_dir``, else the store's), placed
     in the frame with ``code_crop``; equal to the vertices recon computed."""
     import dask.array as da
-    import xarray as xr
-
-    from gmfx._errors import ParameterError
 
     needed = ("identity_id", "code_exp", "code_angle", "code_trans", "code_crop")
-    missing = [name for name in needed if name not in ds.variables]
-    if missing:
-        raise ParameterError(
-            f"deriving BFM vertices needs {', '.join(missing)}",
-            where=f"dataset with variables {sorted(map(str, ds.data_vars))}",
-            fix="pass a recon store written by --model bfm-fit",
-        )
+    require_codes(ds, needed, deriving="BFM vertices", fix="pass a recon store written by --model bfm-fit")
     root = resolve_model_dir(model_dir or ds.attrs.get("model_dir"))
     layer = _layer_of(root)
-    codes = [_dask(ds[name]) for name in needed[1:]]
-    identity = _dask(ds["identity_id"])  # (face, 80)
+    codes = [as_dask(ds[name]) for name in needed[1:]]
+    identity = as_dask(ds["identity_id"])  # (face, 80)
     times = codes[0].chunks[0]
     identity = da.broadcast_to(identity[None], (ds.sizes["time"], *identity.shape), chunks=(times, *identity.chunks))
     inputs = da.concatenate([identity, *codes], axis=2).rechunk({1: -1, 2: -1})
     data = inputs.map_blocks(_vertex_block, url=root.url, dtype=np.float32, drop_axis=2, new_axis=[2, 3],
                              chunks=(inputs.chunks[0], inputs.chunks[1], (layer.n_vertices,), (3,)))
-    coords = {k: ds.coords[k] for k in ("time", "face", "coord") if k in ds.coords}
-    return xr.DataArray(data, dims=("time", "face", "vertex", "coord"), coords=coords,
-                        attrs={"space": "world", "units": "pixels", "derived": "BFM(identity, codes) through the perspective camera and code_crop"})
-
-
-def _dask(array: Any) -> Any:
-    import dask.array as da
-
-    data = array.data
-    return data if isinstance(data, da.Array) else da.from_array(data, chunks=data.shape)
+    return vertex_array(data, ds, derived="BFM(identity, codes) through the perspective camera and code_crop")
 
 
 class BfmFitBackend(Backend):

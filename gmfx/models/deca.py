@@ -38,6 +38,7 @@ from gmfx.models._crops import box_from_landmarks, crop_to_image, orthographic_c
 from gmfx.models._detect import make_detector
 from gmfx.models._files import MODEL_DIR_ENV, ModelFile, read_model_file
 from gmfx.models._files import model_dir as resolve_model_dir
+from gmfx.models._lazy_vertices import as_dask, check_topology, require_codes, vertex_array
 from gmfx.models._flame import FlameLayer, FlameModel, read_flame, read_landmark_embedding, rodrigues
 from gmfx.models._pickle import load_pickle, load_torch
 from gmfx.models._resnet import ResNetEncoder, load_strict
@@ -208,41 +209,18 @@ def flame_vertices(ds: Any, *, model_dir: str | None = None) -> Any:
     store, else ``$GMFX_MODEL_DIR``) and applies ``mat``; equal to the vertices recon computed.
     """
     import dask.array as da
-    import xarray as xr
 
-    from gmfx._errors import ParameterError
-
-    missing = [name for name in (*_VERTEX_CODES, "mat") if name not in ds.variables]
-    if missing:
-        raise ParameterError(
-            f"deriving FLAME vertices needs {', '.join(missing)}",
-            where=f"dataset with variables {sorted(map(str, ds.data_vars))}",
-            fix="pass a recon store written by a FLAME model (deca, emoca)",
-        )
+    require_codes(ds, (*_VERTEX_CODES, "mat"), deriving="FLAME vertices", fix="pass a recon store written by a FLAME model (deca, emoca)")
     root = resolve_model_dir(model_dir or ds.attrs.get("model_dir"))
     model = load_flame_model(root)
-    expected = ds.attrs.get("topology")
-    if expected is not None and expected != f"flame2020-{model.n_vertices}":
-        raise ModelError(
-            f"the store was made with the topology {expected}, the model directory holds flame2020-{model.n_vertices}",
-            where=root.url,
-            fix="point --model-dir / GMFX_MODEL_DIR at the FLAME files the store was made with",
-        )
-    parts = [_dask(ds[name]) for name in _VERTEX_CODES] + [_dask(ds["mat"]).reshape(*ds["mat"].shape[:2], 16)]
+    check_topology(ds, f"flame2020-{model.n_vertices}", where=root.url, files="FLAME files")
+    parts = [as_dask(ds[name]) for name in _VERTEX_CODES] + [as_dask(ds["mat"]).reshape(*ds["mat"].shape[:2], 16)]
     inputs = da.concatenate(parts, axis=2).rechunk({2: -1})
     data = inputs.map_blocks(
         _vertex_block, url=root.url, dtype=np.float32, drop_axis=2, new_axis=[2, 3],
         chunks=(*inputs.chunks[:2], (model.n_vertices,), (3,)),
     )  # fmt: skip
-    return xr.DataArray(data, dims=("time", "face", "vertex", "coord"), coords={k: ds.coords[k] for k in ("time", "face", "coord") if k in ds.coords},
-                        attrs={"space": "world", "units": "pixels", "derived": "FLAME(codes) through mat"})
-
-
-def _dask(array: Any) -> Any:
-    import dask.array as da
-
-    data = array.data
-    return data if isinstance(data, da.Array) else da.from_array(data, chunks=(len(data),) + data.shape[1:])
+    return vertex_array(data, ds, derived="FLAME(codes) through mat")
 
 
 Precision = Literal["float32", "float16", "bfloat16"]

@@ -47,6 +47,7 @@ from gmfx.models._crops import crop_to_image, warp_crops
 from gmfx.models._detect import make_detector
 from gmfx.models._files import ModelFile, read_model_file
 from gmfx.models._files import model_dir as resolve_model_dir
+from gmfx.models._lazy_vertices import as_dask, check_topology, require_codes, vertex_array
 from gmfx.models._pickle import load_torch
 from gmfx.models._resnet import ResNet50, load_strict
 from gmfx.storage import Location
@@ -270,35 +271,18 @@ def bfm_vertices(ds: Any, *, model_dir: str | None = None) -> Any:
     ``code_angle``/``code_trans`` and projects them through ``code_crop``: what recon computed.
     """
     import dask.array as da
-    import xarray as xr
 
-    from gmfx._errors import ParameterError
-
-    missing = [name for name in _VERTEX_CODES if name not in ds.variables]
-    if missing:
-        raise ParameterError(
-            f"deriving BFM vertices needs {', '.join(missing)}",
-            where=f"dataset with variables {sorted(map(str, ds.data_vars))}",
-            fix="pass a recon store written by --model deep3d",
-        )
+    require_codes(ds, _VERTEX_CODES, deriving="BFM vertices", fix="pass a recon store written by --model deep3d")
     root = resolve_model_dir(model_dir or ds.attrs.get("model_dir"))
     topology = bfm_topology(root)
-    expected = ds.attrs.get("topology")
-    if expected is not None and expected != topology.name:
-        raise ModelError(
-            f"the store was made with the topology {expected}, the model directory holds {topology.name}",
-            where=root.url,
-            fix="point --model-dir / GMFX_MODEL_DIR at the BFM file the store was made with",
-        )
-    parts = [ds[name].data if isinstance(ds[name].data, da.Array) else da.from_array(ds[name].values) for name in _VERTEX_CODES]
+    check_topology(ds, topology.name, where=root.url, files="BFM file")
+    parts = [as_dask(ds[name]) for name in _VERTEX_CODES]
     inputs = da.concatenate(parts, axis=2).rechunk({2: -1})
     data = inputs.map_blocks(
         _vertex_block, url=root.url, storage_options=_options_key(root), dtype=np.float32, drop_axis=2, new_axis=[2, 3],
         chunks=(*inputs.chunks[:2], (topology.n_vertices,), (3,)),
     )  # fmt: skip
-    coords = {k: ds.coords[k] for k in ("time", "face", "coord") if k in ds.coords}
-    return xr.DataArray(data, dims=("time", "face", "vertex", "coord"), coords=coords,
-                        attrs={"space": "world", "units": "pixels", "derived": "BFM(codes), perspective camera, inverse crop"})  # fmt: skip
+    return vertex_array(data, ds, derived="BFM(codes), perspective camera, inverse crop")
 
 
 # -- the backend ------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ import torch
 import yaml
 from scipy.optimize import linear_sum_assignment
 
-from gmfx._errors import ModelError, ParameterError
+from gmfx._errors import ModelError
 from gmfx.models._arcface import MicaNetwork, arcface_crop, arcface_input, five_points, load_mica_state
 from gmfx.models._base import Face, Identity, Outputs
 from gmfx.models._crops import crop_to_image, orthographic_camera, square_crop, warp_crops
@@ -51,6 +51,7 @@ from gmfx.models._detail import DetailGenerator, displacement_input
 from gmfx.models._files import ModelFile, find_model_file, read_model_file
 from gmfx.models._files import model_dir as resolve_model_dir
 from gmfx.models._flame import FlameLayer, read_landmark_embedding, rodrigues
+from gmfx.models._lazy_vertices import as_dask, require_codes, vertex_array
 from gmfx.models._pickle import load_torch
 from gmfx.models._resnet import ResNetEncoder, load_strict
 from gmfx.models.deca import (
@@ -59,7 +60,6 @@ from gmfx.models.deca import (
     FLAME_MASKS_FILE,
     LANDMARK_FILE,
     DecaBackend,
-    _dask,
     _options_key,
     adopt_model_dir,
     load_flame_model,
@@ -446,27 +446,18 @@ def emica_vertices(ds: Any, *, model_dir: str | None = None) -> Any:
     per time chunk decodes each face's ``identity_shape`` with the frame's ``code_exp`` and the jaw of
     ``code_pose`` through FLAME (300 shape, 100 expression components) and applies ``mat``."""
     import dask.array as da
-    import xarray as xr
 
-    needed = ("code_exp", "code_pose", "mat", "identity_shape")
-    missing = [name for name in needed if name not in ds.variables]
-    if missing:
-        raise ParameterError(
-            f"deriving EMICA vertices needs {', '.join(missing)}",
-            where=f"dataset with variables {sorted(map(str, ds.data_vars))}",
-            fix="pass a recon store written by gmfx recon --model emica",
-        )
+    require_codes(ds, ("code_exp", "code_pose", "mat", "identity_shape"), deriving="EMICA vertices", fix="pass a recon store written by gmfx recon --model emica")
     root = resolve_model_dir(model_dir or ds.attrs.get("model_dir"))
     model = load_flame_model(root)
-    parts = [_dask(ds["code_exp"]), _dask(ds["code_pose"]), _dask(ds["mat"]).reshape(*ds["mat"].shape[:2], 16)]
+    parts = [as_dask(ds["code_exp"]), as_dask(ds["code_pose"]), as_dask(ds["mat"]).reshape(*ds["mat"].shape[:2], 16)]
     inputs = da.concatenate(parts, axis=2).rechunk({1: -1, 2: -1})
     shapes = np.asarray(ds["identity_shape"].values, np.float32)
     data = inputs.map_blocks(
         _emica_vertex_block, shapes, url=root.url, dtype=np.float32, drop_axis=2, new_axis=[2, 3],
         chunks=(*inputs.chunks[:2], (model.n_vertices,), (3,)),
     )  # fmt: skip
-    return xr.DataArray(data, dims=("time", "face", "vertex", "coord"), coords={k: ds.coords[k] for k in ("time", "face", "coord") if k in ds.coords},
-                        attrs={"space": "world", "units": "pixels", "derived": "FLAME(identity_shape, code_exp, jaw) through mat"})
+    return vertex_array(data, ds, derived="FLAME(identity_shape, code_exp, jaw) through mat")
 
 
 @lru_cache(maxsize=4)
@@ -500,16 +491,9 @@ def detail_displacements(ds: Any, *, model_dir: str | None = None) -> Any:
     import dask.array as da
     import xarray as xr
 
-    needed = ("code_detail", "code_exp", "code_pose")
-    missing = [name for name in needed if name not in ds.variables]
-    if missing:
-        raise ParameterError(
-            f"deriving displacement maps needs {', '.join(missing)}",
-            where=f"dataset with variables {sorted(map(str, ds.data_vars))}",
-            fix="pass a recon store written by gmfx recon --model emica --mode detail",
-        )
+    require_codes(ds, ("code_detail", "code_exp", "code_pose"), deriving="displacement maps", fix="pass a recon store written by gmfx recon --model emica --mode detail")
     root = resolve_model_dir(model_dir or ds.attrs.get("model_dir"))
-    inputs = displacement_input(_dask(ds["code_pose"]), _dask(ds["code_exp"]), _dask(ds["code_detail"]))
+    inputs = displacement_input(as_dask(ds["code_pose"]), as_dask(ds["code_exp"]), as_dask(ds["code_detail"]))
     inputs = inputs.rechunk({1: -1, 2: -1})
     data = inputs.map_blocks(
         _displacement_block, url=root.url, storage_options=json.dumps(root.storage_options, sort_keys=True, default=str),
