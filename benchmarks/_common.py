@@ -33,10 +33,34 @@ from collections.abc import Callable
 from typing import Any
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+#: the real face clip every benchmark video is made from
+CLIP = pathlib.Path(__file__).resolve().parent.parent / "tests" / "data" / "single_face.mp4"
 PACKAGES = (
     "gmfx", "numpy", "scipy", "xarray", "zarr", "numcodecs", "dask", "distributed", "fsspec", "s3fs", "av",
     "mediapipe", "opencv-contrib-python", "torch", "numba", "moto",
 )  # fmt: skip
+
+
+def clip_frames() -> Any:
+    """Every frame of :data:`CLIP`, RGB ``(n, 360, 640, 3)`` uint8."""
+    import av
+    import numpy as np
+
+    with av.open(str(CLIP)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+class LoopedFrames:
+    """``frames`` repeated to ``n`` frames, without holding ``n`` frames in memory (for ``write_video``)."""
+
+    def __init__(self, frames: Any, n: int) -> None:
+        self.frames, self.n = frames, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        return self.frames[i % len(self.frames)]
 
 
 def cpu_model() -> str:

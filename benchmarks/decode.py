@@ -28,7 +28,7 @@ import dask
 import zarr
 from distributed import Client, LocalCluster
 
-from _common import Report
+from _common import CLIP, Report
 
 from gmfx.dataset import find_recordings
 from gmfx.stages.decode import COMPRESSION_LEVEL, run_decode
@@ -37,7 +37,6 @@ from gmfx.testing._videos import write_bids_recording, write_video
 
 HERE = pathlib.Path(__file__).parent
 WORK = HERE / "_work"
-CLIP = HERE.parent / "tests" / "data" / "single_face.mp4"
 
 
 def make_video(path: pathlib.Path, n_frames: int) -> pathlib.Path:

@@ -30,11 +30,10 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from _common import Report
+from _common import CLIP, Report
 
 from gmfx.storage._shards import ShardBuilder
 
-CLIP = pathlib.Path(__file__).resolve().parent.parent / "tests" / "data" / "single_face.mp4"
 
 
 @dataclass(frozen=True)

@@ -30,9 +30,8 @@ import threading
 import time
 
 import numpy as np
-from _common import Report
+from _common import CLIP, Report
 
-CLIP = pathlib.Path(__file__).resolve().parent.parent / "tests" / "data" / "single_face.mp4"
 
 
 def make_video(path: pathlib.Path, n_frames: int) -> pathlib.Path:

@@ -25,35 +25,13 @@ import time
 
 import numpy as np
 
-from _common import Report
+from _common import LoopedFrames, Report, clip_frames
 
 from gmfx.dataset import find_recordings
 from gmfx.stages.decode import run_decode
 from gmfx.stages.recon import run_recon
 from gmfx.storage import Location, store_location
 from gmfx.testing._videos import write_video, write_bids_recording
-
-CLIP = pathlib.Path(__file__).resolve().parent.parent / "tests" / "data" / "single_face.mp4"
-
-
-class _Looped:
-    """The clip's frames repeated to ``n`` frames, without holding ``n`` frames in memory."""
-
-    def __init__(self, frames: np.ndarray, n: int) -> None:
-        self.frames, self.n = frames, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.frames[i % len(self.frames)]
-
-
-def _clip_frames() -> np.ndarray:
-    import av
-
-    with av.open(str(CLIP)) as container:
-        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
 
 
 def baseline(frames_store: Location) -> float:
@@ -91,7 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         root = pathlib.Path(folder)
-        video = write_video(root / "looped.mp4", frames=_Looped(_clip_frames(), args.frames))
+        video = write_video(root / "looped.mp4", frames=LoopedFrames(clip_frames(), args.frames))
         write_bids_recording(str(root / "bids"), subject="01", task="bench", video=str(video))
         recordings = find_recordings(str(root / "bids"))
         out = Location(str(root / "out"))

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from _common import Report
+from _common import LoopedFrames, Report, clip_frames
 
 from gmfx.dataset import find_recordings
 from gmfx.stages.decode import run_decode
@@ -38,26 +38,6 @@ from gmfx.stages.recon import run_recon
 from gmfx.storage import Location, store_location
 from gmfx.testing._bfm_files import BFM_FACES, BFM_VERTICES, write_deep3d_model_dir
 from gmfx.testing._videos import write_bids_recording, write_video
-
-CLIP = pathlib.Path(__file__).resolve().parent.parent / "tests" / "data" / "single_face.mp4"
-
-
-class _Looped:
-    def __init__(self, frames: np.ndarray, n: int) -> None:
-        self.frames, self.n = frames, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.frames[i % len(self.frames)]
-
-
-def _clip_frames() -> np.ndarray:
-    import av
-
-    with av.open(str(CLIP)) as container:
-        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
 
 
 # -- Deep3DFaceRecon ------------------------------------------------------------------------------------
@@ -158,7 +138,7 @@ def main() -> None:
         root = pathlib.Path(folder)
         model_dir = args.model_dir or str(write_deep3d_model_dir(root / "models", n_vertices=BFM_VERTICES, n_faces=BFM_FACES))
         os.environ["GMFX_MODEL_DIR"] = model_dir
-        video = write_video(root / "looped.mp4", frames=_Looped(_clip_frames(), args.frames))
+        video = write_video(root / "looped.mp4", frames=LoopedFrames(clip_frames(), args.frames))
         write_bids_recording(str(root / "bids"), subject="01", task="bench", video=str(video))
         recordings = find_recordings(str(root / "bids"))
         out = Location(str(root / "out"))

@@ -31,7 +31,7 @@ import threading
 import time
 
 import numpy as np
-from _common import Report
+from _common import LoopedFrames, Report, clip_frames
 
 from gmfx.dataset import find_recordings
 from gmfx.stages.decode import run_decode
@@ -40,26 +40,6 @@ from gmfx.storage import Location, store_location
 from gmfx.testing._emica_files import EMICA_FOLDER, write_emica_model
 from gmfx.testing._model_files import write_model_dir
 from gmfx.testing._videos import write_bids_recording, write_video
-
-CLIP = pathlib.Path(__file__).resolve().parent.parent / "tests" / "data" / "single_face.mp4"
-
-
-class _Looped:
-    def __init__(self, frames: np.ndarray, n: int) -> None:
-        self.frames, self.n = frames, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> np.ndarray:
-        return self.frames[i % len(self.frames)]
-
-
-def _clip_frames() -> np.ndarray:
-    import av
-
-    with av.open(str(CLIP)) as container:
-        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
 
 
 def plain_loop(frames_store: Location, model: str, model_dir: str, device: str, batch: int, precision: str) -> float:
@@ -147,7 +127,7 @@ def main() -> None:
         if args.model == "emica" and not args.model_dir:
             write_emica_model(pathlib.Path(model_dir) / "EMICA" / EMICA_FOLDER)
         os.environ["GMFX_MODEL_DIR"] = model_dir
-        video = write_video(root / "looped.mp4", frames=_Looped(_clip_frames(), args.frames))
+        video = write_video(root / "looped.mp4", frames=LoopedFrames(clip_frames(), args.frames))
         write_bids_recording(str(root / "bids"), subject="01", task="bench", video=str(video))
         recordings = find_recordings(str(root / "bids"))
         out = Location(str(root / "out"))
