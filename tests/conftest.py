@@ -21,6 +21,16 @@ def data_dir() -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def single_face_frames(data_dir):
+    """Every frame of ``single_face.mp4`` (72, 360x640 RGB), decoded once a session; tests take copies."""
+    import av
+    import numpy as np
+
+    with av.open(str(data_dir / "single_face.mp4")) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+@pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's S3 server on 127.0.0.1, shared by the whole session."""
     with local_s3_server() as endpoint:

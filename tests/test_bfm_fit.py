@@ -161,11 +161,8 @@ def model_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def clip_frames(data_dir):
-    import av
-
-    with av.open(str(data_dir / "single_face.mp4")) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for _, f in zip(range(N_FRAMES), container.decode(video=0))])
+def clip_frames(single_face_frames):
+    return single_face_frames[:N_FRAMES].copy()
 
 
 @pytest.mark.slow

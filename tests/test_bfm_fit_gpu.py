@@ -1,7 +1,6 @@
 """bfm-fit on CUDA (nvdiffrast for the photometric term): the same fit as on the CPU within float
 tolerance. Skips on machines without an NVIDIA GPU (such as CI)."""
 
-import av
 import numpy as np
 import pytest
 
@@ -16,13 +15,12 @@ pytestmark = [
 QUICK = {"first_rigid_iterations": 100, "first_nonrigid_iterations": 20, "rigid_iterations": 10, "nonrigid_iterations": 5}
 
 
-def test_cuda_fit_equals_the_cpu_fit(tmp_path, data_dir):
+def test_cuda_fit_equals_the_cpu_fit(tmp_path, single_face_frames):
     from gmfx.models.bfm_fit import BfmFitBackend
 
     (tmp_path / "BFM").mkdir()
     write_bfm_model(tmp_path / "BFM" / "BFM_model_front.mat", n_vertices=1500, n_faces=None)
-    with av.open(str(data_dir / "single_face.mp4")) as container:
-        frames = np.stack([f.to_ndarray(format="rgb24") for _, f in zip(range(8), container.decode(video=0))])
+    frames = single_face_frames[:8].copy()
     results = {}
     for device in ("cpu", "cuda"):
         backend = BfmFitBackend.load(device, model_dir=str(tmp_path), landmarks="mediapipe", **QUICK)

@@ -46,9 +46,8 @@ def model_env(model_root, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def frames(data_dir):
-    with av.open(str(data_dir / "single_face.mp4")) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for _, f in zip(range(N_FRAMES), container.decode(video=0))])
+def frames(single_face_frames):
+    return single_face_frames[:N_FRAMES].copy()
 
 
 class FixedLandmarks:

@@ -203,9 +203,8 @@ def test_models_lists_the_bfm_files_present_and_missing(model_root, tmp_path, mo
 
 # -- end to end ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def short_clip(data_dir, tmp_path_factory):
-    with av.open(str(data_dir / "single_face.mp4")) as container:
-        frames = np.stack([f.to_ndarray(format="rgb24") for _, f in zip(range(N_FRAMES), container.decode(video=0))])
+def short_clip(single_face_frames, tmp_path_factory):
+    frames = single_face_frames[:N_FRAMES].copy()
     path = tmp_path_factory.mktemp("clip") / "clip.mp4"
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=30, options={"crf": "18"})

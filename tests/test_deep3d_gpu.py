@@ -1,7 +1,6 @@
 """Deep3DFaceRecon on CUDA: equal to the CPU within float tolerance, batched, mixed precision. They skip
 on machines without an NVIDIA GPU (such as CI)."""
 
-import av
 import numpy as np
 import pytest
 
@@ -23,9 +22,8 @@ def model_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def frames(data_dir):
-    with av.open(str(data_dir / "single_face.mp4")) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+def frames(single_face_frames):
+    return single_face_frames.copy()
 
 
 def test_cuda_equals_cpu_and_mixed_precision_stays_close(model_root, frames, monkeypatch):

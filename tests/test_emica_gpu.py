@@ -1,7 +1,6 @@
 """EMICA on CUDA: the identity pass and the segments equal the CPU's within float tolerance, and the
 CPU model of the same process is left on the CPU. They skip on machines without an NVIDIA GPU (such as CI)."""
 
-import av
 import numpy as np
 import pytest
 
@@ -25,9 +24,8 @@ def model_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def frames(data_dir):
-    with av.open(str(data_dir / "single_face.mp4")) as container:
-        return np.stack([f.to_ndarray(format="rgb24") for _, f in zip(range(8), container.decode(video=0))])
+def frames(single_face_frames):
+    return single_face_frames[:8].copy()
 
 
 def test_cuda_equals_cpu_for_identity_and_segments(model_root, frames, monkeypatch):

@@ -129,15 +129,12 @@ def test_mediapipe_correspondence_is_mirror_symmetric():
         assert weights[ibug, vertex] == pytest.approx(1)
 
 
-def test_mediapipe_68_on_a_real_face_come_in_ibug_order(data_dir):
+def test_mediapipe_68_on_a_real_face_come_in_ibug_order(single_face_frames):
     """On frames of the real clip the derived points keep iBUG's layout: jaw from image left to right
     with the chin lowest, eyes above the nose tip above the mouth, corners outside the lids."""
-    import av
-
     from gmfx.models._landmarks68 import Landmarks68
 
-    with av.open(str(data_dir / "single_face.mp4")) as container:
-        frames = np.stack([frame.to_ndarray(format="rgb24") for _, frame in zip(range(40), container.decode(video=0))])[::13]
+    frames = single_face_frames[:40:13].copy()
     found = Landmarks68("mediapipe")(frames, 1)
     for faces in found:
         (points, _), = faces
