@@ -6,8 +6,9 @@ import concurrent.futures
 import contextlib
 import os
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 
@@ -18,22 +19,97 @@ from gmfx._errors import GmfxError
 from gmfx.storage import RegionStore
 from gmfx.types import Task
 
-__all__ = ["StorePlan", "execute_plans", "one_display", "progress_bar", "run_tasks"]
+__all__ = [
+    "Cancellation", "StorePlan", "cancellation", "execute_plans", "one_display", "progress_bar", "run_tasks",
+    "submission_priority",
+]  # fmt: skip
 
 
 _shared_display: ContextVar[Progress | None] = ContextVar("gmfx_shared_display", default=None)
+_rows = threading.Lock()  # finding or adding a display's row, from several threads at once
 
 
 @contextlib.contextmanager
 def one_display(*, enabled: bool = True) -> Iterator[Progress]:
-    """One progress display for several stages: inside it, every :func:`progress_bar` is this display,
-    and each stage adds its own row to it."""
+    """One progress display for several stages: inside it, every :func:`progress_bar` is this display
+    (an enclosing one's, when nested), and the calls of :func:`run_tasks` with the same description
+    share one row, whose total grows with each call (so a stage run recording by recording, from
+    several threads, shows as one row)."""
+    shared = _shared_display.get()
+    if shared is not None:
+        yield shared
+        return
     with _new_display(enabled) as display:
         token = _shared_display.set(display)
         try:
             yield display
         finally:
             _shared_display.reset(token)
+
+
+def _row(display: Progress, description: str, total: int) -> int:
+    """The display's row called ``description`` with ``total`` more to do (added when there is none)."""
+    with _rows:
+        for row in display.tasks:
+            if row.description == description:
+                display.update(row.id, total=(row.total or 0) + total)  # a finished row runs again
+                return row.id
+        return display.add_task(description, total=total)
+
+
+class Cancellation:
+    """Cancels the work :func:`run_tasks` has in flight under :func:`cancellation`, from any thread (an
+    interrupt in the thread that waits on several others' calls); calls that start later are cancelled
+    as soon as they submit."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cancels: list[Callable[[], None]] = []
+        self.cancelled = False
+
+    def _register(self, cancel: Callable[[], None]) -> None:
+        with self._lock:
+            self._cancels.append(cancel)
+            cancelled = self.cancelled
+        if cancelled:
+            cancel()
+
+    def _unregister(self, cancel: Callable[[], None]) -> None:
+        with self._lock:
+            self._cancels.remove(cancel)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            cancels = list(self._cancels)
+        for cancel in cancels:
+            cancel()
+
+
+_cancellation: ContextVar[Cancellation | None] = ContextVar("gmfx_cancellation", default=None)
+_priority: ContextVar[int] = ContextVar("gmfx_priority", default=0)
+
+
+@contextlib.contextmanager
+def cancellation() -> Iterator[Cancellation]:
+    """Inside it (and in threads started with a copy of its context), :func:`run_tasks` registers
+    its work with the :class:`Cancellation` yielded."""
+    scope = Cancellation()
+    token = _cancellation.set(scope)
+    try:
+        yield scope
+    finally:
+        _cancellation.reset(token)
+
+
+@contextlib.contextmanager
+def submission_priority(priority: int) -> Iterator[None]:
+    """Inside it, :func:`run_tasks` submits with Dask's ``priority`` (higher runs first among queued tasks)."""
+    token = _priority.set(priority)
+    try:
+        yield
+    finally:
+        _priority.reset(token)
 
 
 def progress_bar(*, enabled: bool = True) -> contextlib.AbstractContextManager[Progress]:
@@ -74,7 +150,8 @@ def run_tasks(
     tasks rerun elsewhere) and its resources (``{"GPU": 1}`` pins it to GPU workers). Without one, the
     tasks run here on a thread per core (gmfx's task bodies spend their time in code that releases the
     GIL). On the first failure the remaining tasks are cancelled and the error is raised: a
-    :class:`GmfxError` as it is, anything else wrapped in one that names the task.
+    :class:`GmfxError` as it is, anything else wrapped in one that names the task. Safe to call from
+    several threads at once on one client (see :func:`cancellation`, :func:`submission_priority`).
     """
     if not tasks:
         return []
@@ -89,24 +166,28 @@ def run_tasks(
                     future.cancel()
 
         else:
+            priority = _priority.get()
             futures = [
                 client.submit(
                     _guarded, task.function, *task.args, key=task.key, resources=task.resources, retries=retries,
-                    pure=False,
+                    pure=False, priority=priority,
                 )  # fmt: skip
                 for task in tasks
             ]
-            # as_completed looks up the current client: make it ours, even when it is not the default one
-            stack.enter_context(client.as_current())
-            completed = as_completed(futures)
+            # our client's loop, not the current client's (client.as_current() would set dask's global
+            # config, which calls from several threads would leave set to theirs when they end out of order)
+            completed = as_completed(futures, loop=client.loop)
 
             def cancel() -> None:
                 client.cancel(futures)
 
+        if (scope := _cancellation.get()) is not None:
+            scope._register(cancel)
+            stack.callback(scope._unregister, cancel)
         position = {future: i for i, future in enumerate(futures)}
         results: list = [None] * len(tasks)
         bar = stack.enter_context(progress_bar(enabled=progress))
-        handle = bar.add_task(description, total=sum(task.weight for task in tasks))
+        handle = _row(bar, description, sum(task.weight for task in tasks))
         try:
             for future in completed:
                 i = position[future]

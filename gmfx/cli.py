@@ -396,8 +396,9 @@ def run(
 ) -> None:
     """Run the whole pipeline: decode, recon, preproc (align, interpolate, filter) and epochs.
 
-    Recordings run in parallel on the cluster; finished work is kept and a rerun resumes. Epochs are
-    cut for recordings that have an _events.tsv.
+    Each recording runs its stages on its own, two recordings at once, so one recording's recon runs
+    on the cluster while another decodes; finished work is kept and a rerun resumes. Epochs are cut for
+    recordings that have an _events.tsv.
 
     Examples:
 
@@ -692,7 +693,10 @@ def _print_summary(summaries, timings, out: Location) -> None:
         )
     console = Console(width=200)
     console.print(table)
-    console.print("time per stage: " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in timings.items()))
+    console.print(
+        "time per stage, from the first recording starting it to the last finishing it (recordings run their "
+        "stages on their own, so stages overlap): " + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in timings.items())
+    )
     finished = [summary for summary in summaries if not summary.failed_stage]
     if finished:
         outputs = finished[0].outputs

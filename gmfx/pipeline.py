@@ -1,29 +1,42 @@
 """The whole pipeline over a dataset: decode -> recon -> preproc (align, interpolate, filter) -> epochs.
 
-Each stage runs all selected recordings as one submission to the cluster (recordings in parallel, each
-task bounded to one time segment), resumes from completion markers, and finalizes its stores before the
-next stage starts reading them.
+Each recording goes through its stages on its own (a chain of stage calls in a client-side thread),
+several recordings at once: the client plans and finalizes one recording's stores while the workers
+compute another's, and one recording's recon runs while another still decodes. Tasks are submitted
+with a Dask priority: a later stage before an earlier one, then the recordings in their order, so a
+recording ready for recon does not queue behind the decode of the others, and recordings finish in
+order. Every stage resumes from completion markers and finalizes its store before the recording's
+next stage reads it.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextvars
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import dask
 import numpy as np
 from distributed import Client
 
 from gmfx._checks import check_options
-from gmfx._errors import GmfxError, StorageError
-from gmfx._execute import one_display
+from gmfx._errors import GmfxError, ParameterError, StorageError
+from gmfx._execute import cancellation, one_display, submission_priority
 from gmfx._validate import check_pipeline
 from gmfx.dataset import Recording
 from gmfx.types import STAGES
 from gmfx.storage import Location, LocationLike, RegionStore, as_location, open_dataset, store_location
 
-__all__ = ["RecordingSummary", "run_pipeline", "run_step"]
+__all__ = ["RecordingSummary", "run_pipeline", "run_step", "PARALLEL_RECORDINGS"]
+
+#: recordings whose stage chains run at once. Measured with benchmarks/pipeline.py (4 recordings x 600
+#: frames, 2-core machine): 2 hides the client's ~2.5 s a recording of planning and finalizing behind
+#: the other's tasks; more adds queued work and client threads that share the GIL with the scheduler.
+PARALLEL_RECORDINGS = 2
 
 
 @dataclass(frozen=True)
@@ -51,14 +64,18 @@ def run_pipeline(
     overwrite: bool = False,
     progress: bool = True,
     storage_options: Mapping[str, Any] | None = None,
+    parallel_recordings: int = PARALLEL_RECORDINGS,
 ) -> tuple[list[RecordingSummary], dict[str, float]]:
     """Run every stage for ``recordings``; return a summary per recording and seconds per stage.
 
-    Epochs are cut for the recordings that have an ``_events.tsv``. ``out`` is a path, URL (with
-    ``storage_options``) or :class:`Location`. Options, events and frame times are checked before
-    decode starts. One recording failing does not stop the others: a stage that fails runs again
-    recording by recording (finished regions are kept, so this repeats little work); the failing
-    recordings skip the later stages, and their summaries carry the stage and the message.
+    Each recording runs decode -> recon -> preproc -> epochs on its own, ``parallel_recordings`` of
+    them at once (see :data:`PARALLEL_RECORDINGS`); epochs are cut for the recordings that have an
+    ``_events.tsv``. ``out`` is a path, URL (with ``storage_options``) or :class:`Location`. Options,
+    events and frame times are checked before decode starts. One recording failing does not stop the
+    others: it skips its later stages, and its summary carries the stage and the message. Anything
+    else (a bug, Ctrl-C) cancels the work in flight and is raised; a rerun resumes from the finished
+    regions. A stage's seconds run from the first recording starting it to the last one finishing it:
+    stages of different recordings overlap, so they add up to more than the run's wall time.
     """
     from gmfx import preproc as gmfx_preproc
     from gmfx.preproc import epoch
@@ -67,6 +84,12 @@ def run_pipeline(
     from gmfx.stages.recon import run_recon
 
     out = as_location(out, storage_options, where="out")
+    if parallel_recordings < 1:
+        raise ParameterError(
+            f"parallel_recordings={parallel_recordings} runs no recording",
+            where="run_pipeline(parallel_recordings=...)",
+            fix=f"give 1 or more (default {PARALLEL_RECORDINGS})",
+        )
     for name, options, target in (
         ("decode_options", decode_options, run_decode),
         ("recon_options", recon_options, run_recon),
@@ -79,36 +102,60 @@ def run_pipeline(
             check_options(value, getattr(gmfx_preproc, step), function="run_pipeline", name=f"preproc_options[{step!r}]")
 
     check_pipeline(recordings, preproc_options=dict(preproc_options or {}), epoch_options=dict(epoch_options or {}))
-    timings: dict[str, float] = {}
+    stages = (
+        ("decode", run_decode, decode_options),
+        ("recon", run_recon, recon_options),
+        ("preproc", run_preproc, preproc_options),
+        ("epoch", run_epochs, epoch_options),
+    )
     failed: dict[str, tuple[str, str]] = {}  # recording -> (stage, message)
+    spans: dict[str, list[tuple[float, float]]] = {}  # stage -> (start, end) of each recording's call
+    lock = threading.Lock()
+    stop = threading.Event()  # set when the run is abandoned: no chain starts another stage
 
-    def timed(name: str, function, selected, options) -> None:
-        selected = [r for r in selected if r.name not in failed]
-        if not selected:
-            return
-        start = time.perf_counter()
+    def run_chain(position: int, recording: Recording) -> None:
+        for depth, (name, function, options) in enumerate(stages):
+            if stop.is_set() or (name == "epoch" and recording.events is None):
+                return
+            start = time.perf_counter()
+            try:  # a later stage's tasks go before queued earlier ones, then earlier recordings first
+                with submission_priority(depth * len(recordings) + len(recordings) - 1 - position):
+                    function([recording], out, client=client, overwrite=overwrite, progress=progress, **dict(options or {}))
+            except GmfxError as error:
+                with lock:
+                    failed[recording.name] = (name, str(error))
+                return
+            finally:
+                with lock:
+                    spans.setdefault(name, []).append((start, time.perf_counter()))
 
-        def call(chosen) -> None:
-            function(chosen, out, client=client, overwrite=overwrite, progress=progress, **dict(options or {}))
-
+    with (
+        one_display(enabled=progress),  # one display for the whole run, a row per stage
+        # the client's own small reads (coordinates, masks) run where they are asked for: on the
+        # cluster they would queue behind the other recordings' tasks and stall this one's chain
+        dask.config.set(scheduler="sync"),
+        cancellation() as scope,
+        concurrent.futures.ThreadPoolExecutor(parallel_recordings, thread_name_prefix="gmfx-recording") as pool,
+    ):
+        # each chain sees this context: the display, the cancellation scope
+        chains = [
+            pool.submit(contextvars.copy_context().run, run_chain, position, recording)
+            for position, recording in enumerate(recordings)
+        ]
         try:
-            call(selected)
-        except GmfxError as error:
-            if len(selected) == 1:
-                failed[selected[0].name] = (name, str(error))
-            else:
-                for recording in selected:  # which recordings fail, on their own
-                    try:
-                        call([recording])
-                    except GmfxError as single:
-                        failed[recording.name] = (name, str(single))
-        timings[name] = time.perf_counter() - start
-
-    with one_display(enabled=progress):  # one display for the whole run, a row per stage
-        timed("decode", run_decode, recordings, decode_options)
-        timed("recon", run_recon, recordings, recon_options)
-        timed("preproc", run_preproc, recordings, preproc_options)
-        timed("epoch", run_epochs, [r for r in recordings if r.events is not None], epoch_options)
+            for chain in concurrent.futures.as_completed(chains):
+                chain.result()
+        except BaseException:  # a bug or Ctrl-C: no chain goes on, the cluster drops their tasks
+            stop.set()
+            for chain in chains:
+                chain.cancel()
+            scope.cancel()
+            raise
+    timings = {
+        name: max(end for _, end in spans[name]) - min(start for start, _ in spans[name])
+        for name, _, _ in stages
+        if name in spans
+    }
     summaries = [
         _summarize(recording, out)
         if recording.name not in failed
