@@ -11,10 +11,10 @@ from gmfx.pipeline import run_pipeline
 from gmfx.storage import Location, RegionStore, store_location
 from gmfx.testing import BrightSquareBackend, write_bids_recording
 
-SHORT, LONG = 16, 640  # frames of sub-01 and sub-02: sub-02 decodes in 80 tasks, sub-01 in 2
+SHORT, LONG = 48, 640  # frames of sub-01 and sub-02: sub-02 decodes in 80 tasks, sub-01 in 6
 SEGMENTS = {
     "decode_options": {"segment_frames": 8, "chunk_frames": 8},
-    "recon_options": {"model": BrightSquareBackend, "device": "cpu", "segment_frames": 16},
+    "recon_options": {"model": BrightSquareBackend, "device": "cpu", "segment_frames": 8},
     "preproc_options": {"filter": False},
 }
 
@@ -56,11 +56,11 @@ def test_recon_of_one_recording_runs_while_the_other_still_decodes(overlapped):
     assert [s.frames for s in summaries] == [SHORT, LONG]
     long_decodes = [_compute(r) for r in records if str(r["key"]).startswith("decode-sub-02_task-x-")]
     recons = [_compute(r) for r in records if str(r["key"]).startswith("recon-")]
-    assert len(long_decodes) == LONG // 8 and len(recons) == (SHORT + LONG) // 16
+    assert len(long_decodes) == LONG // 8 and len(recons) == (SHORT + LONG) // 8
     # sub-02's recon waits for its own decode: recon tasks that start earlier are sub-01's; they start
     # before sub-02's last decode task even starts (recon goes before queued decode tasks)
     early = [start for start, _ in recons if start < max(start for start, _ in long_decodes)]
-    assert len(early) == SHORT // 16
+    assert len(early) == SHORT // 8
     for recording in recordings:  # every store is finished
         for stage in ("decode", "recon", "preproc", "epoch"):
             assert RegionStore(store_location(out, recording, stage), stage).is_complete(), (recording.name, stage)
