@@ -396,7 +396,7 @@ def run(
 ) -> None:
     """Run the whole pipeline: decode, recon, preproc (align, interpolate, filter) and epochs.
 
-    Each recording runs its stages on its own, two recordings at once, so one recording's recon runs
+    Each recording runs its stages on its own, four recordings at once, so one recording's recon runs
     on the cluster while another decodes; finished work is kept and a rerun resumes. Epochs are cut for
     recordings that have an _events.tsv.
 

@@ -33,10 +33,11 @@ from gmfx.storage import Location, LocationLike, RegionStore, as_location, open_
 
 __all__ = ["RecordingSummary", "run_pipeline", "run_step", "PARALLEL_RECORDINGS"]
 
-#: recordings whose stage chains run at once. Measured with benchmarks/pipeline.py (4 recordings x 600
-#: frames, 2-core machine): 2 hides the client's ~2.5 s a recording of planning and finalizing behind
-#: the other's tasks; more adds queued work and client threads that share the GIL with the scheduler.
-PARALLEL_RECORDINGS = 2
+#: recordings whose stage chains run at once. benchmarks/pipeline.py (4 recordings x 600 frames, shared
+#: 2-core machine) with 1 worker / 2 workers / 2 workers on S3 (moto): 1 at a time 51 / 57 / 17 frames/s
+#: (stage barriers then, the workers idle 10.7 of 47 s while the client planned), 2 at a time 89 / 90 /
+#: 25, 4 at a time 98 / 116 / 40; more chains only add queued work and client threads.
+PARALLEL_RECORDINGS = 4
 
 
 @dataclass(frozen=True)
