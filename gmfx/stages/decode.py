@@ -74,7 +74,7 @@ from gmfx.storage._fingerprint import relative_name
 from gmfx.storage._frames_schema import FRAMES_SCHEMA, converter, frames_layout, keep_other_schema
 from gmfx.storage._location import redact
 from gmfx.storage._retry import retry_transient
-from gmfx.storage._shards import ShardBuilder, shard_level
+from gmfx.storage._shards import ShardBuilder, ShardReader, shard_level
 from gmfx.types import STAGES, Region, Task, split_regions
 
 __all__ = [
@@ -455,8 +455,10 @@ def open_frames(location: LocationLike, storage_options: Mapping[str, Any] | Non
 class FrameReader:
     """Reads RGB frames ``[start:stop]`` of a complete frames store on a worker, whatever its layout.
 
-    Planes are read through Zarr and converted on the worker; ``chunk_names(start, stop)`` names the
-    stored objects a read touches, for messages.
+    Planes are read and converted on the worker: ``[start:stop]`` through :class:`ShardReader` (one
+    ranged read per shard per plane, indexes cached: make one reader per task) when every array is
+    sharded as the decode stage writes it, else through Zarr, as are orthogonal selections;
+    ``chunk_names(start, stop)`` names the stored objects a read touches, for messages.
     """
 
     def __init__(self, location: Location) -> None:
@@ -465,6 +467,8 @@ class FrameReader:
         self.pixels = None if layout == "rgb" else PixelFormat.from_attrs(dict(group.attrs)["pixels"])
         names = ["frames"] if self.pixels is None else list(self.pixels.plane_names)
         self.arrays = [group[name] for name in names]
+        sharded = all(shard_level(array) is not None for array in self.arrays)
+        self._shards = ShardReader(self.arrays, location) if sharded else None
 
     @property
     def chunks(self) -> tuple[int, ...]:
@@ -479,7 +483,10 @@ class FrameReader:
 
     def __getitem__(self, time: slice) -> np.ndarray:
         """RGB frames ``[start:stop]``."""
-        return self._rgb([array[time] for array in self.arrays])
+        start, stop, step = time.indices(self.arrays[0].shape[0])
+        if self._shards is None or step != 1:
+            return self._rgb([array[time] for array in self.arrays])
+        return self._rgb(self._shards.read(start, max(start, stop)))
 
     def get_orthogonal_selection(self, selection: tuple[Sequence[int]]) -> np.ndarray:
         """RGB frames at the time indices ``selection[0]`` (as zarr's orthogonal selection, time only)."""
