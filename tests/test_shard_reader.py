@@ -21,7 +21,7 @@ from gmfx import Location, StorageError, find_recordings
 from gmfx.stages.decode import FrameReader, run_decode
 from gmfx.stages.recon import _read_ahead
 from gmfx.storage._retry import retry_transient
-from gmfx.storage._shards import DamagedShard, ShardReader, shard_level
+from gmfx.storage._shards import DamagedShard, ShardReader, _zstd_content_size, shard_level
 from gmfx.testing import ThrottlingProxy, s3_storage_options, write_bids_recording
 from gmfx.types import Region
 
@@ -111,6 +111,37 @@ def test_chunks_stored_out_of_order_with_gaps_read_as_zarr_reads_them(tmp_path):
     reader = ShardReader([array], root)
     for start, stop in [(0, 24), (1, 11), (4, 8), (5, 19), (20, 24), (8, 13)]:
         np.testing.assert_array_equal(reader.read(start, stop)[0], values[start:stop], err_msg=f"[{start}:{stop}]")
+
+
+@pytest.mark.parametrize("size", [0, 1, 255, 256, 257, 65791, 65792, 65793, 921_600])
+def test_the_size_a_zstd_frame_declares_is_read_from_its_header(size):
+    """Every width of the header's size field (1, 2 with its 256 offset, 4 bytes; RFC 8878 3.1.1.1)."""
+    assert _zstd_content_size(memoryview(Zstd(level=1).encode(np.zeros(size, np.uint8)))) == size
+
+
+def _raw_frame(payload: bytes) -> bytes:
+    """A zstd frame that does not declare its size (RFC 8878): magic, descriptor 0, a 128 KiB window,
+    one last raw block."""
+    return b"\x28\xb5\x2f\xfd\x00\x38" + (1 | len(payload) << 3).to_bytes(3, "little") + payload
+
+
+def test_chunks_that_do_not_declare_their_size_are_read_and_checked(tmp_path):
+    root = Location(str(tmp_path / "raw.zarr"))
+    array = zarr.open_group(root.url, mode="w", zarr_format=3).create_array(
+        "y", shape=(24, 6, 5), chunks=(4, 6, 5), shards=(12, 6, 5), dtype=np.uint8, compressors=ZstdCodec(level=2)
+    )
+    values = np.random.default_rng(5).integers(0, 255, (24, 6, 5), dtype=np.uint8)
+    for shard, cut in ((0, 0), (1, 1)):  # shard 1's chunk 4 is one byte short
+        chunks = [_raw_frame(values[shard * 12 + 4 * i : shard * 12 + 4 * i + 4].tobytes()[: 120 - cut * (i == 1)]) for i in range(3)]
+        path = tmp_path / "raw.zarr" / "y" / "c" / str(shard) / "0" / "0"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_shard_bytes(chunks, [0, 1, 2], b""))
+    assert _zstd_content_size(memoryview(_raw_frame(b"abc"))) is None
+    np.testing.assert_array_equal(array[0:12], values[0:12])  # zarr reads the hand-made frames
+    reader = ShardReader([array], root)
+    np.testing.assert_array_equal(reader.read(1, 12)[0], values[1:12])
+    with pytest.raises(DamagedShard, match=r"chunk 4 in \S+/y/c/1/0/0 holds 119 bytes, not the 120 of a chunk"):
+        reader.read(12, 24)
 
 
 def _damage(path, kind: str) -> None:
