@@ -4,7 +4,8 @@ Makes a 1,800-frame 640x360 H.264 video (the real clip tests/data/single_face.mp
 backwards, x264 defaults: keyframe every 250 frames, 3 B-frames) in ``benchmarks/_work/``, then times:
 
 * the plain loop: one ``av.open``, every frame ``to_ndarray("rgb24")`` (PyAV's default threading);
-* ``gmfx.stages.decode.run_decode`` on a local cluster of 1 and of 2 single-threaded worker processes,
+* ``gmfx.stages.decode.run_decode`` on gmfx's local cluster (``gmfx.connect``, as the CLI runs it) of 1
+  and of 2 single-threaded worker processes (2 workers hold a core each; 1 keeps both),
   writing the frames store (the decoder's YUV planes, sharded) to a local folder (indexing, planning
   and finalizing included; the cluster's start-up is not, and a tiny warm-up run loads the libraries
   in the workers first); and, with 1 worker, the RGB layout of gmfx before frames store schema 2.
@@ -26,10 +27,11 @@ import time
 import av
 import dask
 import zarr
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from _common import CLIP, Report
 
+from gmfx.cluster import connect
 from gmfx.dataset import find_recordings
 from gmfx.stages.decode import COMPRESSION_LEVEL, run_decode
 from gmfx.storage import Location
@@ -123,9 +125,7 @@ def main() -> None:
     results = {"plain PyAV loop": min(plain_loop(video) for _ in range(args.repeat))}
     stored = {}
     for workers in args.workers:
-        with LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster, Client(cluster) as client:
+        with connect(workers=workers) as client:  # as the CLI runs it
             gmfx_decode(client, warmup, WORK / "warmup_out", args.compression_level, None)
             layouts = ["auto", "rgb"] if workers == args.workers[0] else ["auto"]
             for layout in layouts:
