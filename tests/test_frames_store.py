@@ -95,7 +95,7 @@ def test_every_video_reads_back_as_its_plain_pyav_decode(videos, tmp_path):
         expected = plain_decode(video.url)
         assert ds["frames"].dims == ("time", "y", "x", "rgb") and ds["frames"].dtype == np.uint8
         np.testing.assert_array_equal(ds["frames"].values, expected, err_msg=name)
-        # the recon workers' path: planes read through zarr and converted on the worker, in odd slices
+        # the recon workers' path: planes read by ShardReader and converted on the worker, in odd slices
         reader = FrameReader(store)
         np.testing.assert_array_equal(reader[slice(1, 4)], expected[1:4], err_msg=name)
         np.testing.assert_array_equal(reader[slice(3, len(expected))], expected[3:], err_msg=name)
