@@ -103,7 +103,7 @@ def main() -> None:
         store = store_location(out, recording, "decode")
         measure(report, "local", store, args.frames, args.batch, args.repeats)
         if not args.no_s3:
-            with moto_server_process() as endpoint:
+            with moto_server_process() as (endpoint, _):
                 s3_out = Location(f"s3://{make_bucket(endpoint)}/out", s3_storage_options(endpoint))
                 upload(root / "out", s3_out)
                 s3_store = store_location(s3_out, recording, "decode")

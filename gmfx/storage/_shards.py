@@ -16,7 +16,7 @@ plane. The reader fetches each shard's index once (a suffix read, checked agains
 for the reader's life), then ONE ranged read per shard per array spanning the needed inner chunks, and
 decompresses each chunk with numcodecs' zstd straight into the output (only a chunk cut by the read's
 ends goes through a scratch buffer). Measured (``benchmarks/frames_read.py``, 16-frame reads of 640x360
-planes, loaded 2-core machine): 0.41 ms CPU a frame instead of zarr's 0.82 locally; on S3 (moto) 0.88
+planes, loaded 2-core machine): 0.39 ms CPU a frame instead of zarr's 0.75 locally; on S3 (moto) 0.87
 instead of 2.8, and 0.19 GETs a frame instead of 0.94. A shard never written, or a chunk the index marks
 empty, reads as the fill value, as zarr does; a damaged shard (short object, bad index checksum, index
 pointing past the object, undecodable or wrongly sized chunk) raises :class:`DamagedShard` naming the
