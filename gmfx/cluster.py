@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
@@ -55,12 +56,13 @@ def connect(scheduler: str | None = None, *, workers: int | None = None, gpus: i
     memory_limit = int(psutil.virtual_memory().total * 0.8 / n)
     if gpus:
         cluster = _start(lambda: SpecCluster(
-            scheduler={"cls": Scheduler, "options": {"host": "127.0.0.1"}},
+            scheduler={"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": dashboard_address()}},
             workers=gpu_worker_specs(gpus, memory_limit=memory_limit),
         ), n)  # fmt: skip
     else:
         cluster = _start(lambda: LocalCluster(
-            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit=memory_limit,
+            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=dashboard_address(),
+            memory_limit=memory_limit,
             # Ctrl-C stops the command, which stops its workers (no traceback from each); each worker
             # runs on its own cores (gmfx._threads.place_worker), and no library sizes its pool to the
             # whole machine
@@ -72,6 +74,22 @@ def connect(scheduler: str | None = None, *, workers: int | None = None, gpus: i
         yield client
     finally:
         _close(client, cluster)
+
+
+#: where Dask's dashboard of a local cluster listens when the port is free
+DASHBOARD_PORT = 8787
+
+
+def dashboard_address() -> str:
+    """Dask's usual dashboard port when it is free, else any free port: a second gmfx command running
+    beside the first gets its own dashboard without distributed's "Port 8787 is already in use" warning
+    (``client.dashboard_link`` says where it is)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("", DASHBOARD_PORT))
+        except OSError:
+            return ":0"
+    return f":{DASHBOARD_PORT}"
 
 
 #: seconds a local cluster may take to start its workers (each imports gmfx and its libraries: ~5-15 s
