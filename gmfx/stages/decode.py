@@ -288,7 +288,7 @@ def decode_region(
     """Decode ``region`` of ``video`` into ``store`` shard by shard; mark it done; return its frame count.
 
     Each chunk is compressed by a pool of :func:`~gmfx._threads.task_threads` threads as soon as its
-    frames are decoded (the decoder runs on as many), and each shard is stored in one write once its
+    frames are decoded (the decoder runs on half as many), and each shard is stored in one write once its
     chunks are in (:class:`~gmfx.storage._shards.ShardBuilder`); the task
     holds at most two shards of raw pixels. The region is marked done once every shard is in. With
     planes, every frame must have the format and colour properties of the plan, and the first frame of
