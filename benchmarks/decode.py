@@ -4,7 +4,10 @@ Makes a 1,800-frame 640x360 H.264 video (the real clip tests/data/single_face.mp
 backwards, x264 defaults: keyframe every 250 frames, 3 B-frames) in ``benchmarks/_work/``, then times:
 
 * the plain loop: one ``av.open``, every frame ``to_ndarray("rgb24")`` (PyAV's default threading);
-* ``gmfx.stages.decode.run_decode`` on a local cluster of 1 and of 2 single-threaded worker processes,
+* the floor of any lossless planes store: decode on one thread, zstd every 4 frames' planes on every
+  core, write nothing (what gmfx's store cannot beat on this machine);
+* ``gmfx.stages.decode.run_decode`` on gmfx's local cluster (``gmfx.connect``, as the CLI runs it) of 1
+  and of 2 single-threaded worker processes (2 workers hold a core each; 1 keeps both),
   writing the frames store (the decoder's YUV planes, sharded) to a local folder (indexing, planning
   and finalizing included; the cluster's start-up is not, and a tiny warm-up run loads the libraries
   in the workers first); and, with 1 worker, the RGB layout of gmfx before frames store schema 2.
@@ -19,6 +22,7 @@ them with the workers' CPU per frame and the objects an hour of such video makes
 from __future__ import annotations
 
 import argparse
+import os
 import pathlib
 import shutil
 import time
@@ -26,10 +30,11 @@ import time
 import av
 import dask
 import zarr
-from distributed import Client, LocalCluster
+from distributed import Client
 
 from _common import CLIP, Report
 
+from gmfx.cluster import connect
 from gmfx.dataset import find_recordings
 from gmfx.stages.decode import COMPRESSION_LEVEL, run_decode
 from gmfx.storage import Location
@@ -56,6 +61,30 @@ def plain_loop(video: pathlib.Path) -> tuple[float, float]:
     with av.open(str(video)) as container:
         for frame in container.decode(video=0):
             frame.to_ndarray(format="rgb24")
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def floor_loop(video: pathlib.Path, level: int, threads: int) -> tuple[float, float]:
+    """Wall and CPU seconds of the least any planes store costs: PyAV decodes on one thread, every 4
+    frames' planes are zstd-compressed on ``threads`` threads, nothing is written (gmfx's floor)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    from numcodecs import Zstd
+
+    codec, chunk = Zstd(level=level), 4
+    start, cpu = time.perf_counter(), time.process_time()
+    with av.open(str(video)) as container, ThreadPoolExecutor(threads) as pool:
+        stream = container.streams.video[0]
+        stream.thread_type, stream.codec_context.thread_count = "AUTO", 1
+        planes, jobs = [], []
+        for frame in container.decode(stream):
+            planes.append([np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width].copy() for p in frame.planes])
+            if len(planes) == chunk:
+                jobs += [pool.submit(codec.encode, np.stack(values)) for values in zip(*planes)]
+                planes = []
+        for job in jobs:
+            job.result()
     return time.perf_counter() - start, time.process_time() - cpu
 
 
@@ -121,11 +150,12 @@ def main() -> None:
     if args.malloc_trim_threshold is not None:
         dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": args.malloc_trim_threshold})
     results = {"plain PyAV loop": min(plain_loop(video) for _ in range(args.repeat))}
+    cores = len(os.sched_getaffinity(0))
+    floor_name = f"floor: decode 1 thread + zstd {args.compression_level} on {cores}, no writes"
+    results[floor_name] = min(floor_loop(video, args.compression_level, cores) for _ in range(args.repeat))
     stored = {}
     for workers in args.workers:
-        with LocalCluster(
-            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
-        ) as cluster, Client(cluster) as client:
+        with connect(workers=workers) as client:  # as the CLI runs it
             gmfx_decode(client, warmup, WORK / "warmup_out", args.compression_level, None)
             layouts = ["auto", "rgb"] if workers == args.workers[0] else ["auto"]
             for layout in layouts:
@@ -149,7 +179,10 @@ def main() -> None:
     for name, (seconds, cpu) in results.items():
         workers = int(name.split(", ")[1].split()[0]) if name.startswith("gmfx") else None
         target = targets.get(workers) if "RGB" not in name else None
-        if workers is None:
+        if name == floor_name:
+            report.add(name, n / seconds, "frames/s", ratio=baseline / seconds, baseline="plain PyAV loop",
+                       cpu_ms_per_frame=cpu / n * 1e3)  # fmt: skip
+        elif workers is None:
             report.add(name, n / seconds, "frames/s", cpu_ms_per_frame=cpu / n * 1e3)
         else:
             report.add(name, n / seconds, "frames/s", ratio=baseline / seconds, baseline="plain PyAV loop",

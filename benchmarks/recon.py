@@ -6,7 +6,8 @@ decoded once into a frames store; then, in the same run:
 * baseline: one process reads the frames store chunk by chunk, calls MediaPipe's face mesh
   (``static_image_mode=False, refine_landmarks=True``) on every frame and takes its landmarks as a
   NumPy array (the least a user's own loop does);
-* gmfx: ``recon`` on a local cluster of 1, then 2 single-threaded worker processes (cluster start-up
+* gmfx: ``recon`` on gmfx's local cluster (``gmfx.connect``, as the CLI runs it) of 1, then 2
+  single-threaded worker processes, each of the 2 held on its own core (cluster start-up
   and the import of mediapipe are not timed, as in the baseline; graph creation, scheduling, score
   and pose fits, tracking and writes are).
 
@@ -52,9 +53,9 @@ def baseline(frames_store: Location) -> float:
 def gmfx_recon(recordings, out: Location, workers: int) -> tuple[float, float]:
     """Wall seconds for ``recon`` on a fresh local cluster of ``workers`` processes (start-up not
     timed), and the CPU seconds its workers spent."""
-    from distributed import Client, LocalCluster
+    from gmfx import connect
 
-    with LocalCluster(n_workers=workers, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+    with connect(workers=workers) as client:  # as the CLI runs it
         client.wait_for_workers(workers)
         client.run(importlib.import_module, "mediapipe")
         cpu = sum(client.run(time.process_time).values())
@@ -73,9 +74,9 @@ def main() -> None:
         write_bids_recording(str(root / "bids"), subject="01", task="bench", video=str(video))
         recordings = find_recordings(str(root / "bids"))
         out = Location(str(root / "out"))
-        from distributed import Client, LocalCluster
+        from gmfx import connect
 
-        with LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address=None) as cluster, Client(cluster) as client:
+        with connect(workers=2) as client:
             run_decode(recordings, out, client=client, progress=False)
         frames_store = store_location(out, recordings[0], "decode")
         n = args.frames

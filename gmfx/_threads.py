@@ -1,16 +1,25 @@
-"""One core per Dask thread: the thread pools of the numerical libraries inside gmfx's worker processes.
+"""The cores of a worker: the thread pools of the numerical libraries inside gmfx's worker processes,
+and which cores a local cluster's workers run on.
 
-A worker process runs one task per Dask thread, and a local cluster starts one single-threaded worker
-per core. Each library below otherwise sizes its own pool to every core of the machine, in every worker
-process: on this 2-core box, 2 workers imported OpenCV with 2 threads each, numba's threading layer was
-sized to 2, and torch's inter-op pool to 2 (measured with ``worker_thread_counts`` below), and a 64-core
-node with 64 workers would hold 64 x 64 threads per library. Dask's nanny already sets the BLAS/OpenMP
-variables (``OMP_NUM_THREADS=1``...) before it spawns a worker; gmfx adds the rest:
+A worker process runs one task per Dask thread. Each library below otherwise sizes its own pool to
+every core of the machine, in every worker process: on this 2-core box, 2 workers imported OpenCV with
+2 threads each, numba's threading layer was sized to 2, and torch's inter-op pool to 2 (measured with
+``worker_thread_counts`` below), and a 64-core node with 64 workers would hold 64 x 64 threads per
+library. Dask's nanny already sets the BLAS/OpenMP variables (``OMP_NUM_THREADS=1``...) before it
+spawns a worker; gmfx sizes every pool to the cores of one Dask thread, ``GMFX_CORES_PER_THREAD``
+(:func:`task_threads`; 1 on workers gmfx did not start):
 
 * before a worker starts (``connect``'s local clusters, GPU worker specs): :func:`thread_environment`
   for the libraries that read their size at import;
-* in every task that runs a model (any cluster, also ``dask worker`` started by hand):
+* when a local cluster's worker starts (the preload :mod:`gmfx._worker_setup`): :func:`place_worker`
+  gives it its own cores (:func:`core_sets`) and sizes ``GMFX_CORES_PER_THREAD`` to them;
+* in every task that runs a model or decodes (any cluster, also ``dask worker`` started by hand):
   :func:`limit_threads` for the libraries already imported, through their own setters.
+
+Measured on this 2-core box (``benchmarks/recon.py``): MediaPipe's face mesh costs 3.8 ms of CPU a frame
+in a process held on one core and 4.9 ms in one free to move (its graph's threads hand frames to each
+other across cores); 2 recon workers went from 195 to 255 frames/s once each held its own core. A lone
+worker keeps every core: decode then compresses on 2 threads while it decodes.
 """
 
 from __future__ import annotations
@@ -20,7 +29,10 @@ import sys
 import threading
 from typing import Any
 
-__all__ = ["THREAD_VARIABLES", "limit_threads", "thread_environment", "worker_thread_counts"]
+__all__ = [
+    "CORES_VARIABLE", "THREAD_VARIABLES", "core_sets", "limit_threads", "place_worker", "task_threads",
+    "thread_environment", "usable_cores", "worker_thread_counts",
+]  # fmt: skip
 
 #: variables read at import by OpenMP (torch's intra-op pool), MKL, OpenBLAS, Apple's vecLib, numexpr,
 #: numba's threading layer and OpenCV's parallel_for pool
@@ -28,25 +40,71 @@ THREAD_VARIABLES = (
     "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS",
     "NUMBA_NUM_THREADS", "OPENCV_FOR_THREADS_NUM",
 )  # fmt: skip
+#: the cores one Dask thread of this worker may keep busy (decoder and compression threads, model pools)
+CORES_VARIABLE = "GMFX_CORES_PER_THREAD"
 
 
 def thread_environment(threads: int = 1) -> dict[str, str]:
-    """Environment variables that size every library's pool to ``threads`` in a process started with them."""
+    """Environment variables that size every library's pool, and gmfx's own, to ``threads`` in a process
+    started with them."""
     if threads < 1:
         raise ValueError(f"threads must be at least 1, not {threads}")
-    return dict.fromkeys(THREAD_VARIABLES, str(threads))
+    return dict.fromkeys((*THREAD_VARIABLES, CORES_VARIABLE), str(threads))
+
+
+def task_threads() -> int:
+    """Threads a task may keep busy: ``GMFX_CORES_PER_THREAD``, 1 where it is unset or not a positive number."""
+    try:
+        return max(1, int(os.environ.get(CORES_VARIABLE, "1")))
+    except ValueError:
+        return 1
+
+
+def usable_cores() -> list[int]:
+    """The cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def core_sets(cores: list[int], workers: int) -> list[list[int]]:
+    """The cores of each of ``workers`` local workers: disjoint runs of ``cores`` as even as they split
+    (one worker keeps them all); with more workers than cores, worker ``i`` shares core ``i mod n``."""
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, not {workers}")
+    if workers >= len(cores):
+        return [[cores[i % len(cores)]] for i in range(workers)]
+    bounds = [len(cores) * i // workers for i in range(workers + 1)]
+    return [cores[bounds[i] : bounds[i + 1]] for i in range(workers)]
+
+
+def place_worker(index: int, workers: int, threads_per_worker: int = 1) -> list[int]:
+    """Hold this process (all its threads, and so every thread they start) on local worker ``index``'s
+    cores out of :func:`core_sets`, and size ``GMFX_CORES_PER_THREAD`` and the libraries' variables to
+    them; return the cores. Where the OS cannot pin threads (macOS), only the sizes are set."""
+    cores = core_sets(usable_cores(), workers)[index % workers]
+    if hasattr(os, "sched_setaffinity") and workers > 1:
+        for thread in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(thread), cores)
+            except OSError:  # a thread that ended meanwhile
+                pass
+    os.environ.update(thread_environment(max(1, len(cores) // threads_per_worker)))
+    return cores
 
 
 _limited: set[str] = set()
 _lock = threading.Lock()
 
 
-def limit_threads(threads: int = 1) -> None:
-    """Size the pools of the libraries this process has imported to ``threads`` (cheap after the first
-    call for each library); libraries imported later read :func:`thread_environment`'s variables.
+def limit_threads(threads: int | None = None) -> None:
+    """Size the pools of the libraries this process has imported to ``threads`` (default
+    :func:`task_threads`; cheap after the first call for each library); libraries imported later read
+    :func:`thread_environment`'s variables.
 
     numba's pool is left to ``NUMBA_NUM_THREADS``: its setter would start the threading layer that
     gmfx's kernels never use (none is ``parallel=True``)."""
+    threads = task_threads() if threads is None else threads
     with _lock:
         for name, value in thread_environment(threads).items():
             os.environ.setdefault(name, value)
@@ -80,5 +138,6 @@ def worker_thread_counts() -> dict[str, Any]:
         counts["torch_interop"] = modules["torch"].get_num_interop_threads()
     if "numba" in modules:
         counts["numba"] = modules["numba"].config.NUMBA_NUM_THREADS
-    counts["environment"] = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+    counts["environment"] = {name: os.environ.get(name) for name in (*THREAD_VARIABLES, CORES_VARIABLE)}
+    counts["cores"] = usable_cores()
     return counts

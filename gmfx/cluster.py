@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
@@ -13,7 +14,7 @@ import psutil
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 
 from gmfx._errors import ClusterError, ModelError, ParameterError, parameter
-from gmfx._threads import thread_environment
+from gmfx._threads import thread_environment, usable_cores
 from gmfx._version import __version__
 
 if TYPE_CHECKING:
@@ -55,20 +56,40 @@ def connect(scheduler: str | None = None, *, workers: int | None = None, gpus: i
     memory_limit = int(psutil.virtual_memory().total * 0.8 / n)
     if gpus:
         cluster = _start(lambda: SpecCluster(
-            scheduler={"cls": Scheduler, "options": {"host": "127.0.0.1"}},
+            scheduler={"cls": Scheduler, "options": {"host": "127.0.0.1", "dashboard_address": dashboard_address()}},
             workers=gpu_worker_specs(gpus, memory_limit=memory_limit),
         ), n)  # fmt: skip
     else:
         cluster = _start(lambda: LocalCluster(
-            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None, memory_limit=memory_limit,
-            preload=["gmfx._worker_signals"],  # Ctrl-C stops the command, which stops its workers: no traceback from each
-            env=thread_environment(1),  # one core per worker: no library sizes its pool to the whole machine
+            n_workers=n, threads_per_worker=1, processes=True, dashboard_address=dashboard_address(),
+            memory_limit=memory_limit,
+            # Ctrl-C stops the command, which stops its workers (no traceback from each); each worker
+            # runs on its own cores (gmfx._threads.place_worker), and no library sizes its pool to the
+            # whole machine
+            preload=["gmfx._worker_setup"],
+            env={**thread_environment(max(1, len(usable_cores()) // n)), "GMFX_LOCAL_WORKERS": str(n)},
         ), n)  # fmt: skip
     client = Client(cluster)
     try:
         yield client
     finally:
         _close(client, cluster)
+
+
+#: where Dask's dashboard of a local cluster listens when the port is free
+DASHBOARD_PORT = 8787
+
+
+def dashboard_address() -> str:
+    """Dask's usual dashboard port when it is free, else any free port: a second gmfx command running
+    beside the first gets its own dashboard without distributed's "Port 8787 is already in use" warning
+    (``client.dashboard_link`` says where it is)."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("", DASHBOARD_PORT))
+        except OSError:
+            return ":0"
+    return f":{DASHBOARD_PORT}"
 
 
 #: seconds a local cluster may take to start its workers (each imports gmfx and its libraries: ~5-15 s
@@ -117,7 +138,8 @@ def _close(client: Client, cluster: SpecCluster) -> None:
 def gpu_worker_specs(gpus: int, *, memory_limit: int | str = "auto") -> dict[str, dict]:
     """Worker specs for a local cluster with ``gpus`` GPUs: one single-threaded worker process per GPU,
     which sees only its own GPU (``CUDA_VISIBLE_DEVICES``), offers the resource ``GPU=1`` and sizes the
-    CPU libraries' thread pools to one thread (:mod:`gmfx._threads`)."""
+    CPU libraries' thread pools to its share of the cores (:mod:`gmfx._threads`)."""
+    threads = max(1, len(usable_cores()) // gpus)
     return {
         f"gpu-{index}": {
             "cls": Nanny,
@@ -125,7 +147,7 @@ def gpu_worker_specs(gpus: int, *, memory_limit: int | str = "auto") -> dict[str
                 "nthreads": 1,
                 "resources": {"GPU": 1},
                 "memory_limit": memory_limit,
-                "env": {"CUDA_VISIBLE_DEVICES": str(index), **thread_environment(1)},
+                "env": {"CUDA_VISIBLE_DEVICES": str(index), **thread_environment(threads)},
             },
         }
         for index in range(gpus)

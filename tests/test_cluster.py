@@ -53,3 +53,17 @@ def test_local_gpu_cluster_pins_one_gpu_per_worker():
     with connect(gpus=2) as client:
         assert len(gpu_workers(client)) == 2
         assert sorted(client.run(_visible_devices).values()) == ["0", "1"]
+
+
+def test_two_local_clusters_at_once_each_get_a_dashboard_without_a_warning():
+    """A second gmfx command beside the first: its dashboard moves to a free port quietly."""
+    import warnings
+
+    import gmfx
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with gmfx.connect(workers=1) as first, gmfx.connect(workers=1) as second:
+            links = {first.dashboard_link, second.dashboard_link}
+    assert len(links) == 2, links
+    assert not [w for w in caught if "already in use" in str(w.message)], [str(w.message) for w in caught]

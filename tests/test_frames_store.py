@@ -95,7 +95,7 @@ def test_every_video_reads_back_as_its_plain_pyav_decode(videos, tmp_path):
         expected = plain_decode(video.url)
         assert ds["frames"].dims == ("time", "y", "x", "rgb") and ds["frames"].dtype == np.uint8
         np.testing.assert_array_equal(ds["frames"].values, expected, err_msg=name)
-        # the recon workers' path: planes read through zarr and converted on the worker, in odd slices
+        # the recon workers' path: planes read by ShardReader and converted on the worker, in odd slices
         reader = FrameReader(store)
         np.testing.assert_array_equal(reader[slice(1, 4)], expected[1:4], err_msg=name)
         np.testing.assert_array_equal(reader[slice(3, len(expected))], expected[3:], err_msg=name)
@@ -288,3 +288,28 @@ def test_a_store_of_a_newer_schema_is_refused(real_recording, tmp_path):
     with pytest.raises(StorageError, match="schema 3.*reads schemas 1 to 2") as error:
         open_frames(store)
     assert "upgrade gmfx" in str(error.value)
+
+
+def test_parallel_compression_writes_each_shard_after_all_its_chunks(data_dir, tmp_path, monkeypatch):
+    """A task compresses on GMFX_CORES_PER_THREAD threads: the first chunk of every shard finishing last
+    (it sleeps) must still be in the shard, and the frames equal PyAV's."""
+    import time
+
+    from gmfx.storage._shards import ShardBuilder
+
+    add = ShardBuilder.add
+    threads: set[str] = set()
+
+    def slow_first_chunk(self, i, values):
+        threads.add(threading.current_thread().name)
+        if i == 0:
+            time.sleep(0.2)
+        add(self, i, values)
+
+    monkeypatch.setattr(ShardBuilder, "add", slow_first_chunk)
+    monkeypatch.setenv("GMFX_CORES_PER_THREAD", "3")
+    root = Location(str(tmp_path / "bids"))
+    write_bids_recording(root, subject="01", task="x", video=data_dir / "single_face.mp4")
+    (store,) = run_decode(find_recordings(root), Location(str(tmp_path / "out")), client=None, segment_frames=16, progress=False)
+    np.testing.assert_array_equal(read_all(store)["frames"].values, plain_decode(find_recordings(root)[0].video.url))
+    assert 1 < len(threads) <= 3 and all(name.startswith("gmfx-decode-compress") for name in threads), threads

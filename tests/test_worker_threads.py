@@ -1,13 +1,16 @@
-"""Workers that scale: every worker process sizes its libraries' thread pools to one core (counted, never timed)."""
+"""Workers that scale: every worker process sizes its libraries' thread pools to its own cores, and a
+local cluster's workers each run on their own cores (counted, never timed)."""
 
+import os
 import subprocess
 import sys
+import threading
 import warnings
 
 import pytest
 
 import gmfx
-from gmfx._threads import THREAD_VARIABLES, worker_thread_counts
+from gmfx._threads import CORES_VARIABLE, THREAD_VARIABLES, core_sets, worker_thread_counts
 from gmfx.dataset import find_recordings
 from gmfx.stages.recon import run_recon
 from gmfx.storage import Location
@@ -21,19 +24,67 @@ def _import_and_count():
     return worker_thread_counts()
 
 
-def test_local_cluster_workers_size_every_library_to_one_thread():
+def _cores_of_a_new_thread():
+    """The cores of a thread started inside a task (as a decoder or MediaPipe starts its own)."""
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(sorted(os.sched_getaffinity(0))))
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
+def test_a_lone_local_worker_keeps_every_core_and_sizes_its_libraries_to_them():
     """OpenCV and numba read their pool size at import (torch's intra-op pool follows OMP_NUM_THREADS)."""
+    cores = sorted(os.sched_getaffinity(0))
     with gmfx.connect(workers=1) as client:
         [worker] = client.run(_import_and_count).values()
-    assert worker["environment"] == dict.fromkeys(THREAD_VARIABLES, "1")
-    assert (worker["opencv"], worker["numba"]) == (1, 1), worker
+    assert worker["environment"] == dict.fromkeys((*THREAD_VARIABLES, CORES_VARIABLE), str(len(cores)))
+    assert (worker["opencv"], worker["numba"]) == (len(cores), len(cores)), worker
+    assert worker["cores"] == cores
+
+
+def test_local_workers_each_run_on_their_own_cores():
+    """Two workers on this machine's cores: each holds its half (one core each on a 2-core box), every
+    thread it starts later too, and sizes its libraries and gmfx's own threads to it."""
+    cores = sorted(os.sched_getaffinity(0))
+    half = len(cores) // 2
+    expected = [cores[:half], cores[half:]] if half else [cores, cores]
+    with gmfx.connect(workers=2) as client:
+        counts = client.run(_import_and_count)
+        new_threads = client.run(_cores_of_a_new_thread)
+        names = {address: info["name"] for address, info in client.scheduler_info()["workers"].items()}
+    by_name = {names[address]: c for address, c in counts.items()}
+    assert [by_name[0]["cores"], by_name[1]["cores"]] == expected, by_name
+    assert [new_threads[a] for a in sorted(names, key=names.get)] == expected
+    for index in (0, 1):
+        threads = str(len(expected[index]))
+        assert by_name[index]["environment"] == dict.fromkeys((*THREAD_VARIABLES, CORES_VARIABLE), threads)
+        assert by_name[index]["opencv"] == len(expected[index])
+
+
+@pytest.mark.parametrize("n_cores, workers", [(8, 3), (8, 8), (2, 2), (2, 5), (6, 1), (1, 2), (7, 4)])
+def test_core_sets_split_the_cores_into_even_disjoint_runs(n_cores, workers):
+    """Against the arithmetic written out here: runs of consecutive cores whose sizes differ by at
+    most one and cover every core; with more workers than cores, worker i shares core i mod n."""
+    cores = [10 + 2 * c for c in range(n_cores)]  # any core numbers, not 0..n-1
+    sets = core_sets(cores, workers)
+    assert len(sets) == workers
+    if workers >= n_cores:
+        assert sets == [[cores[i % n_cores]] for i in range(workers)]
+        return
+    assert [c for s in sets for c in s] == cores  # in order, disjoint, all of them
+    sizes = [len(s) for s in sets]
+    assert max(sizes) - min(sizes) <= 1 and min(sizes) >= 1
 
 
 def test_gpu_worker_specs_carry_the_thread_environment():
     from gmfx.cluster import gpu_worker_specs
 
+    share = str(max(1, len(os.sched_getaffinity(0)) // 2))
     for index, spec in enumerate(gpu_worker_specs(2).values()):
-        assert spec["options"]["env"] == {"CUDA_VISIBLE_DEVICES": str(index), **dict.fromkeys(THREAD_VARIABLES, "1")}
+        assert spec["options"]["env"] == {
+            "CUDA_VISIBLE_DEVICES": str(index), **dict.fromkeys((*THREAD_VARIABLES, CORES_VARIABLE), share)
+        }
 
 
 def test_limit_threads_sizes_libraries_imported_before_it():

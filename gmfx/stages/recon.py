@@ -397,9 +397,9 @@ def read_identities(location: Location, backend: type[Backend]) -> list[Identity
 
 
 def _worker_model(backend: type[Backend], device: str, options: Mapping[str, Any]) -> Backend:
-    limit_threads(1)  # one core per Dask thread, whatever started the worker (gmfx._threads)
+    limit_threads()  # the cores of one Dask thread, whatever started the worker (gmfx._threads)
     model = load_backend(backend, device, dict(options))
-    limit_threads(1)  # and for the libraries the model's first load imported
+    limit_threads()  # and for the libraries the model's first load imported
     model.reset()
     return model
 

@@ -26,6 +26,12 @@ def join_url(base: str, *parts: str) -> str:
     return posixpath.join(base, *parts)
 
 
+#: storage options gmfx gives by default, under the caller's own: s3fs reads a whole object with a
+#: HEAD for its size first unless ``max_concurrency`` is 1 (default 10), and gmfx's whole-object reads
+#: are metadata, markers and chunks of a few MB: one request each instead of two (counted on moto)
+_PROTOCOL_DEFAULTS: dict[str, dict[str, Any]] = {"s3": {"max_concurrency": 1}, "s3a": {"max_concurrency": 1}}
+
+
 @dataclass(frozen=True)
 class Location:
     """A local path or fsspec URL together with the storage options needed to reach it.
@@ -61,7 +67,12 @@ class Location:
 
     def filesystem(self) -> tuple[fsspec.AbstractFileSystem, str]:
         """The fsspec filesystem and the path on it."""
-        return fsspec.core.url_to_fs(self.url, **self.storage_options)
+        return fsspec.core.url_to_fs(self.url, **self._options())
+
+    def _options(self) -> dict[str, Any]:
+        """The storage options with gmfx's defaults for the protocol under the caller's own."""
+        protocol = self.url.split("://", 1)[0] if "://" in self.url else "file"
+        return {**_PROTOCOL_DEFAULTS.get(protocol, {}), **self.storage_options}
 
     def exists(self) -> bool:
         fs, path = self.filesystem()
@@ -89,7 +100,7 @@ class Location:
         """Keyword arguments for ``xarray.open_zarr`` / ``Dataset.to_zarr`` that reach this store."""
         if self.is_local:
             return {"store": self.url}
-        return {"store": self.url, "storage_options": dict(self.storage_options)}
+        return {"store": self.url, "storage_options": self._options()}
 
 
 #: what every public entry point accepts as a place: a local path (``str`` or ``os.PathLike``), an fsspec

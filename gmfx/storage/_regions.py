@@ -162,15 +162,25 @@ class RegionStore:
             gmfx_instance=uuid.uuid4().hex,  # this template's identity: kept while regions are resumed into it
         )
 
-        def write_template() -> None:  # mode="w": idempotent, so transient failures are retried whole
+        # the template is built in memory and stored as one batch of objects: zarr writing it in place
+        # first deletes each array's prefix and checks each object's absence (measured on moto: 5 of the
+        # 8 requests per array, ~250 for a recon store), which a store just deleted never needs
+        objects: dict[str, Any] = {}
+        try:
             template.to_zarr(
-                **self.location.zarr_kwargs(),
-                mode="w",
-                compute=False,
-                zarr_format=3,
-                consolidated=False,
+                zarr.storage.MemoryStore(objects), mode="w", compute=False, zarr_format=3, consolidated=False,
                 encoding=encoding,
-            )
+            )  # fmt: skip
+        except Exception as error:  # noqa: BLE001 - a template zarr refuses is a clear StorageError
+            raise self._error("cannot be written", error) from error
+        fs, root = self.location.filesystem()
+        values = {posixpath.join(root, key): value.to_bytes() for key, value in objects.items()}
+
+        def write_template() -> None:  # idempotent: the whole batch is retried
+            if self.location.is_local:
+                for folder in {posixpath.dirname(path) for path in values}:
+                    fs.makedirs(folder, exist_ok=True)
+            fs.pipe(values)
 
         try:
             self._retried(write_template, "writing the template")
