@@ -36,8 +36,8 @@ __all__ = ["RecordingSummary", "run_pipeline", "run_step", "PARALLEL_RECORDINGS"
 #: recordings whose stage chains run at once. benchmarks/pipeline.py (4 recordings x 600 frames, shared
 #: 2-core machine, noisy), frames/s with 1 worker / 2 workers / 2 workers on S3 (moto): stage by stage
 #: (the previous barriers) 95 / 138 / 76, the single worker idle 5.2 s waiting on the client; 2 chains
-#: 108 / 152 / 83; 4 chains 99 / 139 / 82, idle 1.9 s. Before templates were computed off the cluster (d0696d9), 4 led
-#: clearly (98 / 116 / 40 against 89 / 90 / 25 for 2): more chains hide more client-side latency.
+#: 108 / 152 / 83; 4 chains 99 / 139 / 82, idle 1.9 s. Before templates were computed off the cluster
+#: (d0696d9), 4 led clearly (98 / 116 / 40 against 89 / 90 / 25 for 2): more chains hide more latency.
 PARALLEL_RECORDINGS = 4
 
 
