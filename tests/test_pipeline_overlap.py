@@ -108,3 +108,30 @@ def test_a_failing_recording_skips_its_later_stages_and_the_other_finishes(tmp_p
 def test_parallel_recordings_must_run_one(tmp_path):
     with pytest.raises(ParameterError, match="parallel_recordings=0"):
         run_pipeline([], Location(str(tmp_path)), client=None, parallel_recordings=0)
+
+
+def test_a_bug_in_one_recording_cancels_the_others_work_in_flight_and_is_raised(tmp_path, monkeypatch, dask_client):
+    """sub-01 (short) meets a client-side bug in recon while sub-02 still decodes: the run raises the bug
+    at once, sub-02's queued decode tasks are cancelled and its frames store is not marked complete."""
+    from distributed import get_task_stream
+
+    import gmfx.stages.recon
+
+    root = Location(str(tmp_path / "bids"))
+    write_bids_recording(root, subject="01", task="x", video=dict(frames=_bright(SHORT)))
+    write_bids_recording(root, subject="02", task="x", video=dict(frames=_bright(LONG)))
+    recordings = find_recordings(root)
+    real_recon = gmfx.stages.recon.run_recon
+
+    def recon_with_a_bug(chosen, *args, **kwargs):
+        if chosen[0].name == "sub-01_task-x":
+            raise RuntimeError("a bug in recon")
+        return real_recon(chosen, *args, **kwargs)
+
+    monkeypatch.setattr(gmfx.stages.recon, "run_recon", recon_with_a_bug)
+    out = Location(str(tmp_path / "out"))
+    with get_task_stream(dask_client) as stream, pytest.raises(RuntimeError, match="a bug in recon"):
+        run_pipeline(recordings, out, client=dask_client, progress=False, **SEGMENTS)
+    long_decodes = [r for r in stream.data if str(r["key"]).startswith("decode-sub-02_task-x-")]
+    assert len(long_decodes) < LONG // 8  # the rest were cancelled, not run
+    assert not RegionStore(store_location(out, recordings[1], "decode"), "decode").is_complete()
