@@ -1,7 +1,7 @@
 """Scale on paper: wall time, bytes stored, object-store objects and requests of a whole study on N GPU nodes.
 
     python benchmarks/capacity.py                                  # 1,000 h on 8 and 64 nodes
-    python benchmarks/capacity.py --frames-per-shard 1800 --frames-per-chunk 1 --frame-variables 3
+    python benchmarks/capacity.py --frames-per-shard 0 --frames-per-chunk 64 --frame-variables 1  # the RGB layout
     python benchmarks/capacity.py --hours 1000 --nodes 8 64 --cores-per-node 16 --gpus-per-node 1
 
 Per-frame costs come from the benchmarks' JSON (``benchmarks/results/<name>.json``, ``stage_costs``) when
@@ -34,7 +34,7 @@ HOUR_FRAMES_AT = 3600  # seconds of an hour: frames in an hour = HOUR_FRAMES_AT 
 #: defaults when no benchmark JSON says otherwise: (value, where it comes from)
 DEFAULTS = {
     "decode_cpu_s_per_frame": (4.8e-3, "issue 17: gmfx decode at 1 worker, 640x360, 2-core box (before YUV planes)"),
-    "frames_bytes_per_frame": (212e3, "issue 17: RGB frames, zstd level 2, 640x360"),
+    "frames_bytes_per_frame": (99e3, "README decode.py: YUV planes, zstd level 2, 640x360"),
     "gpu_s_per_frame": (1e-3, "issue 17's aim for FLAME/BFM backends on one GPU (1,000 frames/s); not measured here"),
     "gpu_model_cpu_s_per_frame": (3.8e-3, "DECA's CPU side, MediaPipe's face mesh: README recon.py plain loop 266 frames/s"),
     "preproc_core_s_per_frame": (2.35e-3, "README preproc.py: 1 h of 5,023 vertices in 127 s on 2 cores"),
@@ -63,7 +63,7 @@ def stage_costs(results: dict[str, dict], overrides: dict[str, float | None]) ->
     costs = {name: result.get("stage_costs", {}) for name, result in results.items()}
     decode = costs.get("decode", {}).get("decode", {})
     found("decode_cpu_s_per_frame", decode.get("cpu_s_per_frame"), "benchmarks/results/decode.json")
-    found("frames_bytes_per_frame", decode.get("bytes_per_frame"), "benchmarks/results/decode.json")
+    found("frames_bytes_per_frame", decode.get("stored_bytes_per_frame"), "benchmarks/results/decode.json")
     gpu = costs.get("recon_flame", {}).get("recon_flame_gpu", {})
     if gpu:  # the best batch size's wall time per frame of one GPU worker (its feeding included)
         found("gpu_s_per_frame", min(gpu.values()), "benchmarks/results/recon_flame.json (cuda)")
@@ -157,9 +157,10 @@ def main() -> None:
     parser.add_argument("--recording-minutes", type=float, default=10, help="length of one recording (one store per stage)")
     parser.add_argument("--segment-frames", type=int, default=256, help="frames per recon task (gmfx's SEGMENT_FRAMES)")
     layout = parser.add_argument_group("frames-store layout")
-    layout.add_argument("--frames-per-chunk", type=int, default=64, help="frames per chunk (the unit one read decompresses)")
-    layout.add_argument("--frames-per-shard", type=int, default=0, help="frames per shard object (0: no sharding)")
-    layout.add_argument("--frame-variables", type=int, default=1, help="arrays per frame (1: RGB, 3: Y, U, V planes)")
+    # defaults: the decode stage's layout at 640x360 (gmfx/stages/decode.py)
+    layout.add_argument("--frames-per-chunk", type=int, default=4, help="frames per chunk (the unit one read decompresses)")
+    layout.add_argument("--frames-per-shard", type=int, default=776, help="frames per shard object (0: no sharding)")
+    layout.add_argument("--frame-variables", type=int, default=3, help="arrays per frame (1: RGB, 3: Y, U, V planes)")
     costs = parser.add_argument_group("per-frame costs (override the JSON and the defaults)")
     for key in DEFAULTS:
         costs.add_argument(f"--{key.replace('_', '-')}", type=float, default=None)
