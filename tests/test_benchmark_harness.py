@@ -39,12 +39,13 @@ def _arguments(**changes) -> argparse.Namespace:
 
 def test_capacity_counts_the_frames_store_objects_and_the_bottleneck():
     costs = capacity.stage_costs({}, {})
-    # 1 hour = 108,000 frames: 64-frame chunks -> 1,688 objects of 13.6 MB; 1,800-frame shards of 3 planes -> 180
+    # 1 hour = 108,000 frames at 99 kB (the planes' default): 64-frame chunks -> 1,688 objects of 6.3 MB;
+    # 1,800-frame shards of 3 planes -> 180
     plain = capacity.project(1, _arguments(), costs)
     assert plain["frames_objects_per_hour"] == math.ceil(108_000 / 64) == 1688
-    assert plain["one_frame_read_mb"] == pytest.approx(212e3 * 64 / 1e6)
+    assert plain["one_frame_read_mb"] == pytest.approx(99e3 * 64 / 1e6)
     sharded = capacity.project(1, _arguments(frames_per_shard=1800, frames_per_chunk=1, frame_variables=3), costs)
-    assert sharded["frames_objects_per_hour"] == 180 and sharded["one_frame_read_mb"] == pytest.approx(0.212)
+    assert sharded["frames_objects_per_hour"] == 180 and sharded["one_frame_read_mb"] == pytest.approx(0.099)
     # GPU: 1,080,000 frames x 1 ms on 1 GPU = 1,080 s; CPU: x (4.8 + 3.8 + 2.35) ms / 16 cores = 739 s
     assert plain["demand_s"]["GPU"] == pytest.approx(1080.0)
     assert plain["demand_s"]["CPU"] == pytest.approx(1_080_000 * 10.95e-3 / 16)
@@ -54,7 +55,7 @@ def test_capacity_counts_the_frames_store_objects_and_the_bottleneck():
 
 
 def test_capacity_takes_measured_costs_from_the_benchmarks_json():
-    results = {"decode": {"stage_costs": {"decode": {"cpu_s_per_frame": 1e-3, "bytes_per_frame": 90e3}}},
+    results = {"decode": {"stage_costs": {"decode": {"cpu_s_per_frame": 1e-3, "stored_bytes_per_frame": 90e3}}},
                "recon_flame": {"stage_costs": {"recon_flame_gpu": {"wall_s_per_frame_batch_32": 4e-4, "wall_s_per_frame_batch_128": 2e-4}}}}  # fmt: skip
     costs = capacity.stage_costs(results, {"preproc_core_s_per_frame": 5e-3})
     assert costs.values["decode_cpu_s_per_frame"] == 1e-3 and costs.values["frames_bytes_per_frame"] == 90e3
