@@ -75,7 +75,7 @@ from gmfx.storage._fingerprint import relative_name
 from gmfx.storage._frames_schema import FRAMES_SCHEMA, converter, frames_layout, keep_other_schema
 from gmfx.storage._location import redact
 from gmfx.storage._retry import retry_transient
-from gmfx.storage._shards import ShardBuilder, ShardReader, shard_level
+from gmfx.storage._shards import ShardBuilder, ShardReader, object_key, shard_level
 from gmfx.types import STAGES, Region, Task, split_regions
 
 __all__ = [
@@ -374,7 +374,7 @@ def _write_shard(
     fs, root = store.location.filesystem()
     for name, builder in builders.items():
         array = arrays[name]
-        key = array.metadata.encode_chunk_key((start // array.shards[0],) + (0,) * (array.ndim - 1))
+        key = object_key(array, start // array.shards[0])
         path = posixpath.join(root, name, key)
         data = builder.finish(chunks)
 
@@ -519,8 +519,7 @@ class FrameReader:
         names = []
         for array in self.arrays:
             step = array.shards[0] if array.shards else array.chunks[0]
-            zeros = (0,) * (array.ndim - 1)
-            names += [f"{array.basename}/{array.metadata.encode_chunk_key((i, *zeros))}" for i in range(start // step, -(-stop // step))]
+            names += [f"{array.basename}/{object_key(array, i)}" for i in range(start // step, -(-stop // step))]
         return ", ".join(names)
 
 

@@ -36,9 +36,15 @@ from numcodecs import Zstd
 
 from gmfx.storage._location import Location
 
-__all__ = ["DamagedShard", "ShardBuilder", "ShardReader", "shard_level"]
+__all__ = ["DamagedShard", "ShardBuilder", "ShardReader", "object_key", "shard_level"]
 
 _EMPTY = np.iinfo(np.uint64).max
+
+
+def object_key(array: zarr.Array, i: int) -> str:
+    """The key, below the array, of its ``i``-th stored object along the first axis: a shard, or a chunk
+    when the array is not sharded (every other axis is whole)."""
+    return array.metadata.encode_chunk_key((i,) + (0,) * (array.ndim - 1))
 
 
 def _expected_codecs(chunk_shape: tuple[int, ...], level: int) -> dict[str, Any]:
@@ -199,7 +205,7 @@ class ShardReader:
 
     def _path(self, a: int, shard: int) -> str:
         array = self.arrays[a]
-        return posixpath.join(self._root, array.path, array.metadata.encode_chunk_key((shard,) + (0,) * (array.ndim - 1)))
+        return posixpath.join(self._root, array.path, object_key(array, shard))
 
     def _name(self, path: str) -> str:
         """``path`` as the store's URL and the object's key, for messages."""
