@@ -72,21 +72,17 @@ def upload(folder: pathlib.Path, root) -> None:
 def held_on(cores: list[int] | None):
     """Hold every thread of this process (and so every process it starts: the scheduler's threads, the
     workers) on ``cores`` for the block; ``None`` leaves the process as it is."""
+    from gmfx._threads import hold_threads
+
     if cores is None:
         yield
         return
     before = os.sched_getaffinity(0)
-
-    def hold(which) -> None:
-        for thread in os.listdir("/proc/self/task"):
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(int(thread), which)
-
-    hold(cores)
+    hold_threads(cores)
     try:
         yield
     finally:
-        hold(before)
+        hold_threads(before)
 
 
 @contextlib.contextmanager

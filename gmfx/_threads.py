@@ -27,11 +27,12 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 __all__ = [
-    "CORES_VARIABLE", "THREAD_VARIABLES", "core_sets", "limit_threads", "place_worker", "task_threads",
-    "thread_environment", "usable_cores", "worker_thread_counts",
+    "CORES_VARIABLE", "LOCAL_WORKERS_VARIABLE", "THREAD_VARIABLES", "core_sets", "hold_threads", "limit_threads",
+    "place_worker", "task_threads", "thread_environment", "usable_cores", "worker_thread_counts",
 ]  # fmt: skip
 
 #: variables read at import by OpenMP (torch's intra-op pool), MKL, OpenBLAS, Apple's vecLib, numexpr,
@@ -42,6 +43,8 @@ THREAD_VARIABLES = (
 )  # fmt: skip
 #: the cores one Dask thread of this worker may keep busy (decoder and compression threads, model pools)
 CORES_VARIABLE = "GMFX_CORES_PER_THREAD"
+#: set by :func:`gmfx.connect` on its local workers: how many share the machine (:func:`place_worker`)
+LOCAL_WORKERS_VARIABLE = "GMFX_LOCAL_WORKERS"
 
 
 def thread_environment(threads: int = 1) -> dict[str, str]:
@@ -78,17 +81,24 @@ def core_sets(cores: list[int], workers: int) -> list[list[int]]:
     return [cores[bounds[i] : bounds[i + 1]] for i in range(workers)]
 
 
+def hold_threads(cores: Iterable[int]) -> None:
+    """Hold every thread of this process on ``cores`` (and so every thread they start later; Linux:
+    ``os.sched_setaffinity`` of one thread applies to that thread only)."""
+    cores = set(cores)
+    for thread in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(thread), cores)
+        except OSError:  # a thread that ended meanwhile
+            pass
+
+
 def place_worker(index: int, workers: int, threads_per_worker: int = 1) -> list[int]:
     """Hold this process (all its threads, and so every thread they start) on local worker ``index``'s
     cores out of :func:`core_sets`, and size ``GMFX_CORES_PER_THREAD`` and the libraries' variables to
     them; return the cores. Where the OS cannot pin threads (macOS), only the sizes are set."""
     cores = core_sets(usable_cores(), workers)[index % workers]
     if hasattr(os, "sched_setaffinity") and workers > 1:
-        for thread in os.listdir("/proc/self/task"):
-            try:
-                os.sched_setaffinity(int(thread), cores)
-            except OSError:  # a thread that ended meanwhile
-                pass
+        hold_threads(cores)
     os.environ.update(thread_environment(max(1, len(cores) // threads_per_worker)))
     return cores
 

@@ -15,10 +15,7 @@ import os
 import signal
 import threading
 
-from gmfx._threads import place_worker
-
-#: set by :func:`gmfx.connect` on its local workers: how many share the machine
-LOCAL_WORKERS_VARIABLE = "GMFX_LOCAL_WORKERS"
+from gmfx._threads import LOCAL_WORKERS_VARIABLE, place_worker
 
 
 def dask_setup(worker) -> None:

@@ -14,7 +14,7 @@ import psutil
 from distributed import Client, LocalCluster, Nanny, Scheduler, SpecCluster
 
 from gmfx._errors import ClusterError, ModelError, ParameterError, parameter
-from gmfx._threads import thread_environment, usable_cores
+from gmfx._threads import LOCAL_WORKERS_VARIABLE, thread_environment, usable_cores
 from gmfx._version import __version__
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ def connect(scheduler: str | None = None, *, workers: int | None = None, gpus: i
             # runs on its own cores (gmfx._threads.place_worker), and no library sizes its pool to the
             # whole machine
             preload=["gmfx._worker_setup"],
-            env={**thread_environment(max(1, len(usable_cores()) // n)), "GMFX_LOCAL_WORKERS": str(n)},
+            env={**thread_environment(max(1, len(usable_cores()) // n)), LOCAL_WORKERS_VARIABLE: str(n)},
         ), n)  # fmt: skip
     client = Client(cluster)
     try:

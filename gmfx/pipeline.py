@@ -24,7 +24,7 @@ import numpy as np
 from distributed import Client
 
 from gmfx._checks import check_options
-from gmfx._errors import GmfxError, ParameterError, StorageError
+from gmfx._errors import GmfxError, ParameterError, StorageError, parameter
 from gmfx._execute import cancellation, one_display, submission_priority
 from gmfx._validate import check_pipeline
 from gmfx.dataset import Recording
@@ -89,7 +89,7 @@ def run_pipeline(
     if parallel_recordings < 1:
         raise ParameterError(
             f"parallel_recordings={parallel_recordings} runs no recording",
-            where="run_pipeline(parallel_recordings=...)",
+            where=parameter("run_pipeline", "parallel_recordings"),
             fix=f"give 1 or more (default {PARALLEL_RECORDINGS})",
         )
     for name, options, target in (

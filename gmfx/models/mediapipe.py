@@ -34,7 +34,6 @@ Segments
 from __future__ import annotations
 
 import importlib.metadata
-
 import json
 from functools import cache
 from importlib.resources import files
