@@ -16,30 +16,20 @@ from gmfx.testing import write_bids_recording, write_video
 
 #: a filesystem whose errors echo its storage options (a careless driver), for redaction tests
 _ECHO_MODULE = '''
-from fsspec.implementations.local import LocalFileSystem
+from gmfx.testing._flaky import LocalFilesUnderProtocol
 
 
-class EchoFileSystem(LocalFileSystem):
+class EchoFileSystem(LocalFilesUnderProtocol):
     """Local files behind echo:// whose chunk writes fail with an error that quotes the storage options."""
 
     protocol = ("echo",)
-    root_marker = "/"
 
     def __init__(self, **options):
         super().__init__()
         self.options = options
 
-    @classmethod
-    def _strip_protocol(cls, path):
-        path = path[len("echo://"):] if isinstance(path, str) and path.startswith("echo://") else path
-        return LocalFileSystem._strip_protocol(path)
-
-    def unstrip_protocol(self, name):
-        return "echo://" + name
-
     def pipe_file(self, path, value, mode="overwrite", **kwargs):
         if "_plane/c/" not in path:  # metadata and coordinates are written; frames (their planes) are not
-            self.makedirs(self._parent(path), exist_ok=True)
             return super().pipe_file(path, value, mode=mode, **kwargs)
         raise {error}(f"cannot write {{path}} with options {{self.options!r}}")
 '''

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from fsspec.implementations.local import LocalFileSystem
 
 from gmfx._errors import StorageError
 from gmfx._pixels import PixelFormat, PlanesToRgb, pixel_format
@@ -29,6 +28,7 @@ from gmfx.stages.decode import (
     run_decode,
 )
 from gmfx.storage import Location, RegionStore, store_location
+from gmfx.testing._flaky import LocalFilesUnderProtocol
 from gmfx.testing._videos import frame_pattern, write_bids_recording, write_video
 
 
@@ -160,31 +160,18 @@ def test_the_chroma_siting_found_by_trial_reproduces_the_source():
 
 
 # -- shards: one frame's read, objects an hour ------------------------------------------------------
-class CountingFileSystem(LocalFileSystem):
+class CountingFileSystem(LocalFilesUnderProtocol):
     """Local files behind ``counting://`` that count the bytes every read returns."""
 
     protocol = ("counting",)
-    root_marker = "/"
     read_bytes = 0
     _lock = threading.Lock()
-
-    @classmethod
-    def _strip_protocol(cls, path):
-        path = path[len("counting://") :] if isinstance(path, str) and path.startswith("counting://") else path
-        return LocalFileSystem._strip_protocol(path)
-
-    def unstrip_protocol(self, name: str) -> str:
-        return f"counting://{name}"
 
     def cat_file(self, path, start=None, end=None, **kwargs):
         data = super().cat_file(path, start=start, end=end, **kwargs)
         with self._lock:
             CountingFileSystem.read_bytes += len(data)
         return data
-
-    def pipe_file(self, path, value, mode="overwrite", **kwargs):
-        self.makedirs(self._parent(path), exist_ok=True)
-        return super().pipe_file(path, value, mode=mode, **kwargs)
 
 
 fsspec.register_implementation("counting", CountingFileSystem, clobber=True)

@@ -1,4 +1,5 @@
-"""An fsspec filesystem that fails the first N writes: fault injection for storage retries."""
+"""fsspec filesystems of local files behind a protocol of their own, for tests: one that fails the first N
+writes (fault injection for storage retries), and their base."""
 
 from __future__ import annotations
 
@@ -8,10 +9,31 @@ from typing import ClassVar
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
-__all__ = ["FlakyFileSystem"]
+__all__ = ["FlakyFileSystem", "LocalFilesUnderProtocol"]
 
 
-class FlakyFileSystem(LocalFileSystem):
+class LocalFilesUnderProtocol(LocalFileSystem):
+    """Local files behind a URL protocol of their own (the first of the subclass's ``protocol``), whose
+    writes create their folders as object stores do: the base of test filesystems that change one
+    operation (fail writes, count reads)."""
+
+    root_marker = "/"
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        prefix = f"{cls.protocol[0]}://"
+        path = path[len(prefix) :] if isinstance(path, str) and path.startswith(prefix) else path
+        return LocalFileSystem._strip_protocol(path)
+
+    def unstrip_protocol(self, name: str) -> str:
+        return f"{self.protocol[0]}://{name}"
+
+    def pipe_file(self, path, value, mode="overwrite", **kwargs):
+        self.makedirs(self._parent(path), exist_ok=True)
+        return super().pipe_file(path, value, mode=mode, **kwargs)
+
+
+class FlakyFileSystem(LocalFilesUnderProtocol):
     """Local files behind a ``flaky://`` URL whose first ``failures`` writes raise ``ConnectionError``.
 
     Parameters
@@ -29,7 +51,6 @@ class FlakyFileSystem(LocalFileSystem):
     """
 
     protocol: ClassVar = ("flaky",)
-    root_marker = "/"
     _failed: ClassVar[dict[str, int]] = {}
     _lock: ClassVar = threading.Lock()
 
@@ -43,21 +64,12 @@ class FlakyFileSystem(LocalFileSystem):
         """How many writes have failed so far under this counter."""
         return self._failed.get(self.counter, 0)
 
-    @classmethod
-    def _strip_protocol(cls, path):
-        path = path[len("flaky://") :] if isinstance(path, str) and path.startswith("flaky://") else path
-        return LocalFileSystem._strip_protocol(path)
-
-    def unstrip_protocol(self, name: str) -> str:
-        return f"flaky://{name}"
-
     def pipe_file(self, path, value, mode="overwrite", **kwargs):
         with self._lock:
             failed = self._failed.get(self.counter, 0)
             if failed < self.failures:
                 self._failed[self.counter] = failed + 1
                 raise ConnectionError(f"injected failure {failed + 1} of {self.failures} writing {path}")
-        self.makedirs(self._parent(path), exist_ok=True)
         return super().pipe_file(path, value, mode=mode, **kwargs)
 
 
