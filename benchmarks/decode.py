@@ -34,6 +34,7 @@ from distributed import Client
 
 from _common import CLIP, Report
 
+from gmfx._pixels import copy_planes
 from gmfx.cluster import connect
 from gmfx.dataset import find_recordings
 from gmfx.stages.decode import COMPRESSION_LEVEL, run_decode
@@ -77,12 +78,15 @@ def floor_loop(video: pathlib.Path, level: int, threads: int) -> tuple[float, fl
     with av.open(str(video)) as container, ThreadPoolExecutor(threads) as pool:
         stream = container.streams.video[0]
         stream.thread_type, stream.codec_context.thread_count = "AUTO", 1
-        planes, jobs = [], []
+        buffers, filled, jobs = [], 0, []
         for frame in container.decode(stream):
-            planes.append([np.frombuffer(p, np.uint8).reshape(p.height, p.line_size)[:, : p.width].copy() for p in frame.planes])
-            if len(planes) == chunk:
-                jobs += [pool.submit(codec.encode, np.stack(values)) for values in zip(*planes)]
-                planes = []
+            if filled == 0:  # fresh buffers: the previous ones may still be compressing
+                buffers = [np.empty((chunk, p.height, p.width), np.uint8) for p in frame.planes]
+            copy_planes(frame, [b[filled] for b in buffers])
+            filled += 1
+            if filled == chunk:
+                jobs += [pool.submit(codec.encode, b) for b in buffers]
+                filled = 0
         for job in jobs:
             job.result()
     return time.perf_counter() - start, time.process_time() - cpu
